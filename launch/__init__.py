@@ -1,0 +1,1 @@
+"""Command-line launchers (absl): thin wrappers that parse flags and call the library."""

@@ -1,0 +1,23 @@
+"""What every launcher shares: running `main` so user errors print without a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from absl import app
+
+from palign_jax.errors import UserInputError  # noqa: F401  (re-exported for launchers)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`absl.app.run(main)`, printing `UserInputError`s as one line and exiting with 2."""
+
+  def guarded(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except UserInputError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(guarded)

@@ -1,0 +1,1 @@
+"""Evaluation: the PAPI metric, non-LLM baselines, evaluation methods and reports."""

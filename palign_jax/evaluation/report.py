@@ -1,0 +1,45 @@
+"""Reporting: per-method summaries as JSON, markdown and console tables."""
+
+from __future__ import annotations
+
+import math
+
+from palign_jax.evaluation.metrics import TRAITS, Summary
+
+COLUMNS = list(TRAITS) + ["sum"]
+
+
+def _fmt(value: float) -> str:
+  return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def summary_json(summaries: dict[str, Summary]) -> dict[str, dict[str, float]]:
+  """method -> {A, C, E, N, O, sum} (means over subjects)."""
+  return {method: {k: s.mean[k] for k in COLUMNS} for method, s in summaries.items()}
+
+
+def markdown_table(summaries: dict[str, Summary], *, notes: dict[str, str] | None = None,
+                   wall_time_s: dict[str, float] | None = None) -> str:
+  """A markdown table: per-trait error, sum with its 95% CI, counts, wall time."""
+  notes, wall_time_s = notes or {}, wall_time_s or {}
+  header = ["method"] + COLUMNS + ["sum 95% CI", "subjects", "unparsable", "time (s)", "notes"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for method, s in summaries.items():
+    seconds = wall_time_s.get(method)
+    row = ([method] + [_fmt(s.mean[k]) for k in COLUMNS]
+           + [f"{_fmt(s.ci_low['sum'])}–{_fmt(s.ci_high['sum'])}", str(s.n_subjects),
+              str(s.n_unparsable), "" if seconds is None else f"{seconds:.1f}",
+              notes.get(method, "")])
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def console_table(summaries: dict[str, Summary]) -> str:
+  """A fixed-width table for the terminal."""
+  width = max([len(m) for m in summaries] + [6])
+  lines = [f"{'method':<{width}}  " + "  ".join(f"{c:>6}" for c in COLUMNS)
+           + "  sum 95% CI      unparsable"]
+  for method, s in summaries.items():
+    lines.append(f"{method:<{width}}  " + "  ".join(f"{_fmt(s.mean[c]):>6}" for c in COLUMNS)
+                 + f"  {_fmt(s.ci_low['sum'])}–{_fmt(s.ci_high['sum'])}  {s.n_unparsable:>10}")
+  return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Llama-family models: config, parameter layout, forward pass, loading."""

@@ -1,0 +1,1 @@
+"""Personality Activation Search: labels, probes, directions, steering, alpha search."""
