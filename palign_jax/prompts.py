@@ -114,6 +114,14 @@ def encode_conversation(tokenizer, system: str, user: str, assistant: str) -> Pr
   return PromptTokens(prefix=prefix, suffix=whole[len(prefix):])
 
 
+def encode_chat_prompt(tokenizer, system: str, user: str) -> list[int]:
+  """System + user turn + the template's generation prompt, for open-ended answers."""
+  messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+  _render(tokenizer, messages[:1], continue_final=False)  # clear error without a template
+  text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  return _ids(tokenizer, text)
+
+
 def encode_question(tokenizer, system: str, item_text: str) -> PromptTokens:
   """A PAPI question whose next token is the answer letter."""
   return encode_conversation(tokenizer, system, question(item_text), ANSWER_PREFILL)
