@@ -40,6 +40,11 @@ def item_mean_loso(answers: np.ndarray, heldout: np.ndarray) -> np.ndarray:
   return to_answer(np.where(others_count > 0, mean, 3.0))
 
 
+def item_mean(reference: np.ndarray, heldout: np.ndarray) -> np.ndarray:
+  """`int[heldout]`: each item's rounded mean over all `reference` subjects (for outsiders)."""
+  return to_answer(_column_means(reference[:, heldout]))
+
+
 def to_answer(values: np.ndarray) -> np.ndarray:
   """Rounds real-valued predictions to answers 1..5 (half away from the centre)."""
   return np.clip(np.floor(np.asarray(values) + 0.5), 1, 5).astype(np.int64)

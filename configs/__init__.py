@@ -1,0 +1,1 @@
+"""Run configurations as data (ml_collections ConfigDicts), loaded with config_flags."""

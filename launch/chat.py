@@ -1,0 +1,122 @@
+"""Talk to an aligned model next to the unaligned one, and re-administer the inventory.
+
+    python -m launch.chat --profile=runs/align/profiles/172481 --prompt="Describe your weekend."
+    python -m launch.chat --profile=... --prompts_file=questions.txt
+    python -m launch.chat --profile=... --inventory      # Big Five of the aligned model
+    python -m launch.chat --profile=...                  # interactive (empty line quits)
+
+The aligned model is the profile's context (the subject's few-shot system
+prompt) plus its steering; the unaligned model is the same model with the
+default system prompt and no steering.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import numpy as np
+from absl import flags
+
+from launch import common
+from palign_jax import data, prompts
+from palign_jax.errors import UserInputError
+from palign_jax.evaluation import plots
+from palign_jax.pas import profile as profile_lib
+
+_PROFILE = flags.DEFINE_string("profile", None, "Alignment profile directory written by "
+                               "launch.align (OUTPUT_DIR/profiles/<subject>).")
+_MODEL = flags.DEFINE_string("model", "default", "The model the profile was made for: "
+                             "'default', a .gguf file or a local Hugging Face folder.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+_PROMPT = flags.DEFINE_string("prompt", None, "One prompt to answer.")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file, one prompt per line.")
+_INVENTORY = flags.DEFINE_bool("inventory", False, "Re-administer all 300 items to the aligned "
+                               "and unaligned model and print their Big Five profiles next to "
+                               "the person's.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 96, "Tokens generated per answer.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (with --temperature > 0).")
+_ALPHA = flags.DEFINE_float("alpha", None, "Override the profile's alpha.")
+
+
+def _prompts() -> list[str] | None:
+  if _PROMPT.value is not None:
+    return [_PROMPT.value]
+  if _PROMPTS_FILE.value is not None:
+    path = pathlib.Path(_PROMPTS_FILE.value)
+    if not path.is_file():
+      raise UserInputError(f"{path}: no such file (--prompts_file)")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  return None
+
+
+def inventory_table(engine, profile: profile_lib.AlignmentProfile, person: np.ndarray) -> str:
+  """Trait scores (1..5) on all 300 items: person (where answered), unaligned, aligned."""
+  everything = np.arange(data.NUM_ITEMS)
+  steering = profile.steering(_ALPHA.value)[None]
+  aligned = engine.score([profile.system_prompt], everything, steering)[0]
+  unaligned = engine.score([prompts.DEFAULT_SYSTEM_PROMPT], everything, None)[0]
+  rows = {
+      "person": plots.trait_scores(person, everything),
+      "unaligned model": plots.trait_scores(
+          prompts.letter_probabilities_to_answers(unaligned), everything),
+      "aligned model": plots.trait_scores(
+          prompts.letter_probabilities_to_answers(aligned), everything),
+  }
+  lines = [f"{'':16}" + "".join(f"{data.TRAIT_NAMES[t]:>19}" for t in data.TRAITS)]
+  for name, scores in rows.items():
+    lines.append(f"{name:16}" + "".join(f"{v:>19.2f}" for v in scores))
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise UserInputError(f"unexpected arguments {argv[1:]}; see --help")
+  if not _PROFILE.value:
+    raise UserInputError("--profile is required (a directory written by launch.align)")
+  from palign_jax import engine as engine_lib
+  engine = engine_lib.Engine.load(_MODEL.value, dtype=_DTYPE.value)
+  profile = profile_lib.load_profile(_PROFILE.value, model_fingerprint=engine.fingerprint,
+                                     prompt_version=prompts.PROMPT_VERSION)
+  alpha = profile.alpha if _ALPHA.value is None else _ALPHA.value
+  print(f"Profile of subject {profile.subject_id}: alpha {alpha} ({profile.alpha_selection}), "
+        f"{int(profile.head_mask.sum())} steered heads.")
+  if _INVENTORY.value:
+    person = np.zeros(data.NUM_ITEMS, np.int64)
+    papi = data.load_papi_subjects()
+    if profile.subject_id in papi.ids:
+      person = papi.answers[papi.ids.index(profile.subject_id)].astype(np.int64)
+    else:
+      person[data.load_split().known] = profile.known_answers
+    print(inventory_table(engine, profile, person))
+  questions = _prompts()
+  interactive = questions is None and not _INVENTORY.value
+  steering = profile.steering(_ALPHA.value)
+  while True:
+    if interactive:
+      try:
+        line = input("\nyou> ").strip()
+      except EOFError:
+        break
+      if not line:
+        break
+      batch = [line]
+    else:
+      batch = questions or []
+    for question in batch:
+      unaligned = engine.generate(prompts.DEFAULT_SYSTEM_PROMPT, question, None,
+                                  max_new_tokens=_MAX_NEW_TOKENS.value,
+                                  temperature=_TEMPERATURE.value, seed=_SEED.value)
+      aligned = engine.generate(profile.system_prompt, question, steering,
+                                max_new_tokens=_MAX_NEW_TOKENS.value,
+                                temperature=_TEMPERATURE.value, seed=_SEED.value)
+      print(f"\n> {question}\n--- unaligned ---\n{unaligned}\n--- aligned to "
+            f"{profile.subject_id} ---\n{aligned}")
+      sys.stdout.flush()
+    if not interactive:
+      break
+
+
+if __name__ == "__main__":
+  common.run(main)
