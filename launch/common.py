@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from absl import app
+from absl import app, flags, logging
 
 from palign_jax.errors import UserInputError  # noqa: F401  (re-exported for launchers)
 
@@ -20,4 +20,7 @@ def run(main: Callable[[list[str]], None]) -> None:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 
+  # Libraries (orbax) log every checkpoint read at INFO; keep the console to our own output
+  # unless asked (--verbosity=0 shows INFO again).
+  flags.FLAGS.set_default("verbosity", logging.WARNING)
   app.run(guarded)
