@@ -1,0 +1,395 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) as a pure forward function.
+
+Owns the architecture: RMSNorm, RoPE (with Llama 3 frequency scaling), grouped-query attention
+with an optional key/value prefix cache, SwiGLU MLP, tied or untied output embeddings, and the
+two PAS interventions on the per-head attention output (`BTNH`, the input of `o_proj`):
+additive steering and capture.
+
+Why Flax linen: the model is a pure `Llama(config).apply({'params': params}, ...)` over the plain
+nested-dict pytree that `palign_jax.models.params` defines and every loader produces, so loading
+is a pytree conversion, and `jit`, `vmap` and sharding act on ordinary arrays with no module
+state to split or merge. `nn.scan` runs one `DecoderLayer` over parameters stacked on a leading
+`layers` axis, so compile time is that of one layer, not `num_layers`.
+
+Everything PAS needs is a plain argument of `forward`, so `vmap` can batch it:
+  * `steering` `[layers, heads, head_dim]` (or `[batch, layers, heads, head_dim]`) is added to
+    every head's output at every position, just before `o_proj`. Adding `delta` there is the same
+    as giving `o_proj` a bias `W_o . delta`.
+  * `capture_positions` `[batch]` returns the per-head outputs (after steering, i.e. exactly what
+    `o_proj` reads) at one position per row: `head_outputs` `[batch, layers, heads, head_dim]`.
+  * `kv_cache` is a prefix to attend to (keys/values of earlier tokens and their validity mask).
+    A cache with batch size 1 is shared by every row, without being copied (prefix-shared
+    scoring).
+  * `logits_positions` / `vocab_subset` compute logits only where and for what is needed.
+
+Numerics follow Hugging Face: RMSNorm and softmax in float32, the rest in the parameter dtype
+(float32 or bfloat16), logits returned in float32. Mistral's sliding window is not implemented
+(it only matters beyond 4,096 tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from palign_jax.models.config import ModelConfig
+from palign_jax.models.params import Params
+
+_MASKED = -1e30  # finite, so a fully masked row (a padding query) gives no NaN
+
+
+class KVCache(NamedTuple):
+  """Keys/values of earlier tokens (RoPE already applied) and which slots are real."""
+
+  keys: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+  values: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+  mask: jax.Array  # bool[batch, slots]
+
+
+class ForwardOutput(NamedTuple):
+  """What `forward` returns; fields not asked for are None."""
+
+  logits: jax.Array | None  # f32[batch, T or P, vocab or len(vocab_subset)]
+  head_outputs: jax.Array | None  # [batch, layers, heads, head_dim] at capture_positions
+  kv_cache: KVCache | None  # keys/values of this call's tokens, mask = attention_mask
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+  """f32[head_dim // 2], computed in float32 like transformers (incl. Llama 3 scaling)."""
+  dim = config.head_dim
+  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents))
+  inv_freq = inv_freq.astype(np.float32)
+  s = config.rope_scaling
+  if s is None:
+    return inv_freq
+  low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = np.float32(2 * math.pi) / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(s.factor), inv_freq)
+  smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+            / (s.high_freq_factor - s.low_freq_factor)).astype(np.float32)
+  smoothed = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
+  medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Applies RoPE in the Hugging Face "rotate half" layout. x [B,T,N,H], cos/sin [B,T,H]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+def _normal(stddev: float = 0.02):
+  return nn.initializers.normal(stddev)
+
+
+def _attention(q, k, v, self_mask, cache=None):
+  """Softmax attention of q over [cache slots; own tokens].
+
+  q [B,T,K,G,H] (G query heads per kv head), k/v [B,T,K,H], self_mask bool[B,T,T];
+  cache: None or (keys [Bc,S,K,H], values [Bc,S,K,H], mask bool[Bc,S]) with Bc in (1, B);
+  -> [B,T,K,G,H] in v's dtype. The softmax is taken over the two key blocks jointly, without
+  concatenating them, so a shared (Bc = 1) prefix is never broadcast to the batch. Score
+  layouts are the natural dot_general outputs ("BKTGS", "KBTGS"), so the large score tensors
+  are never transposed; only [.., H]-sized results are.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  f32 = jnp.float32
+  s_self = jnp.einsum("BTKGH,BSKH->BKTGS", q, k, preferred_element_type=f32) * scale
+  s_self = jnp.where(self_mask[:, None, :, None, :], s_self, _MASKED)
+  m = jnp.max(s_self, axis=-1, keepdims=True)  # [B,K,T,G,1]
+  if cache is not None:
+    cache_k, cache_v, cache_mask = cache
+    shared = cache_k.shape[0] == 1 and q.shape[0] > 1
+    if shared:  # batch K only; result [K,B,T,G,S]
+      s_cache = jnp.einsum("BTKGH,SKH->KBTGS", q, cache_k[0], preferred_element_type=f32)
+      to_b, from_b = (lambda x: jnp.swapaxes(x, 0, 1)), (lambda x: jnp.swapaxes(x, 0, 1))
+    else:
+      s_cache = jnp.einsum("BTKGH,BSKH->BKTGS", q, cache_k, preferred_element_type=f32)
+      to_b = from_b = lambda x: x
+    s_cache = jnp.where(cache_mask[:, None, None, None, :], s_cache * scale, _MASKED)
+    m = jnp.maximum(m, to_b(jnp.max(s_cache, axis=-1, keepdims=True)))
+  p_self = jnp.exp(s_self - m)
+  denom = jnp.sum(p_self, axis=-1, keepdims=True)
+  out = jnp.einsum("BKTGS,BSKH->BKTGH", p_self.astype(v.dtype), v, preferred_element_type=f32)
+  if cache is not None:
+    p_cache = jnp.exp(s_cache - from_b(m))
+    denom = denom + to_b(jnp.sum(p_cache, axis=-1, keepdims=True))
+    p_cache = p_cache.astype(cache_v.dtype)
+    if shared:
+      out = out + to_b(jnp.einsum("KBTGS,SKH->KBTGH", p_cache, cache_v[0],
+                                  preferred_element_type=f32))
+    else:
+      out = out + jnp.einsum("BKTGS,BSKH->BKTGH", p_cache, cache_v, preferred_element_type=f32)
+  return jnp.transpose(out / denom, (0, 2, 1, 3, 4)).astype(v.dtype)  # -> [B,T,K,G,H]
+
+
+class Einsum(nn.Module):
+  """A projection written as a named einsum, with an optional bias on the output's last axes."""
+
+  kernel_shape: tuple[int, ...]
+  equation: str
+  bias_shape: tuple[int, ...] | None = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", _normal(), self.kernel_shape, self.param_dtype)
+    y = jnp.einsum(self.equation, x.astype(kernel.dtype), kernel)
+    if self.bias_shape is not None:
+      y = y + self.param("bias", nn.initializers.zeros, self.bias_shape, self.param_dtype)
+    return y
+
+
+class Weights(nn.Module):
+  """A kernel (and optional bias) used by the parent's own einsum, e.g. fused with others."""
+
+  kernel_shape: tuple[int, ...]
+  bias_shape: tuple[int, ...] | None = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    kernel = self.param("kernel", _normal(), self.kernel_shape, self.param_dtype)
+    bias = None
+    if self.bias_shape is not None:
+      bias = self.param("bias", nn.initializers.zeros, self.bias_shape, self.param_dtype)
+    return kernel, bias
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale * x32.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention over [cache; this call's tokens], with PAS steering/capture."""
+
+  config: ModelConfig
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, shared, layer):
+    c = self.config
+    D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    G = c.num_query_groups
+    bias = c.attention_bias
+    dt = self.param_dtype
+    # One matmul for q, k and v (wider is faster on CPU); the weights stay separate params.
+    wq, bq = Weights((D, N, H), (N, H) if bias else None, dt, name="q_proj")()
+    wk, bk = Weights((D, K, H), (K, H) if bias else None, dt, name="k_proj")()
+    wv, bv = Weights((D, K, H), (K, H) if bias else None, dt, name="v_proj")()
+    qkv = jnp.einsum("BTD,DMH->BTMH", x.astype(dt), jnp.concatenate([wq, wk, wv], axis=1))
+    if bias:
+      qkv = qkv + jnp.concatenate([bq, bk, bv], axis=0)
+    q, k, v = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]  # BTNH, BTKH, BTKH
+    q = _rotate(q, shared["cos"], shared["sin"])
+    k = _rotate(k, shared["cos"], shared["sin"])
+    B, T = q.shape[:2]
+    q = q.reshape(B, T, K, G, H)  # query head n = k * G + g reads kv head k
+    cache = None
+    if layer.get("cache_k") is not None:
+      cache = (layer["cache_k"], layer["cache_v"], shared["cache_mask"])
+    out = _attention(q, k, v, shared["self_mask"], cache)
+
+    heads = out.reshape(B, T, N, H)  # BTNH: what o_proj reads, PAS's place
+    steering = layer.get("steering")
+    if steering is not None:
+      delta = steering[None, None] if steering.ndim == 2 else steering[:, None]
+      heads = heads + delta.astype(heads.dtype)
+    captured = None
+    if shared.get("capture_positions") is not None:
+      captured = heads[jnp.arange(B), shared["capture_positions"]]  # [B,N,H]
+    y = Einsum((N, H, D), "BTNH,NHD->BTD", None, dt, name="o_proj")(heads)
+    return y, captured, k, v
+
+
+class Mlp(nn.Module):
+  config: ModelConfig
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    D, F, dt = self.config.hidden_size, self.config.intermediate_size, self.param_dtype
+    w_gate, _ = Weights((D, F), None, dt, name="gate_proj")()
+    w_up, _ = Weights((D, F), None, dt, name="up_proj")()
+    gate_up = jnp.einsum("BTD,DF->BTF", x.astype(dt), jnp.concatenate([w_gate, w_up], axis=1))
+    hidden = nn.silu(gate_up[..., :F]) * gate_up[..., F:]
+    return Einsum((F, D), "BTF,FD->BTD", None, dt, name="down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm block; scanned over the leading `layers` axis of its parameters."""
+
+  config: ModelConfig
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, shared, layer):
+    c, dt = self.config, self.param_dtype
+    h = RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(x)
+    attn, captured, k, v = Attention(c, dt, name="attn")(h, shared, layer)
+    x = x + attn
+    h = RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")(x)
+    x = x + Mlp(c, dt, name="mlp")(h)
+    return x, (captured, k, v)
+
+
+class Embed(nn.Module):
+  vocab_size: int
+  hidden_size: int
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param("embedding", _normal(), (self.vocab_size, self.hidden_size),
+                                self.param_dtype)
+
+  def __call__(self, tokens):
+    return jnp.take(self.embedding, tokens, axis=0)
+
+  def embedding_matrix(self):
+    return self.embedding
+
+
+class LMHead(nn.Module):
+  hidden_size: int
+  vocab_size: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", _normal(), (self.hidden_size, self.vocab_size), self.param_dtype)
+
+
+class Llama(nn.Module):
+  """The decoder. Use through `forward`; `init` gives the `params.py` layout (random values)."""
+
+  config: ModelConfig
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, positions, attention_mask=None, kv_cache=None, steering=None,
+               capture_positions=None, logits_positions=None, vocab_subset=None,
+               return_logits=True, return_kv=False):
+    c, dt = self.config, self.param_dtype
+    B, T = tokens.shape
+    embed = Embed(c.vocab_size, c.hidden_size, dt, name="embed_tokens")
+    x = embed(tokens)
+
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(c))
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B,T,H]
+    if attention_mask is None:
+      attention_mask = jnp.ones((B, T), bool)
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    shared = {
+        "cos": jnp.cos(angles), "sin": jnp.sin(angles),
+        "self_mask": causal[None] & attention_mask[:, None, :],  # [B,T(query),T(key)]
+        "capture_positions": capture_positions,
+        "cache_mask": None if kv_cache is None else kv_cache.mask,
+    }
+    if steering is not None and steering.ndim == 4:
+      steering = jnp.moveaxis(steering, 1, 0)  # [B,L,N,H] -> [L,B,N,H]: scanned over layers
+    layer = {  # sliced along the leading layers axis by the scan
+        "steering": steering,
+        "cache_k": None if kv_cache is None else kv_cache.keys,
+        "cache_v": None if kv_cache is None else kv_cache.values,
+    }
+    layers = nn.scan(
+        DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, 0), length=c.num_layers)(c, dt, name="layers")
+    x, (captured, keys, values) = layers(x, shared, layer)
+
+    logits = None
+    if return_logits:
+      if logits_positions is not None:
+        x = jnp.take_along_axis(x, logits_positions[..., None], axis=1)  # [B,P,D]
+      x = RMSNorm(c.rms_norm_eps, dt, name="norm")(x)
+      if c.tie_word_embeddings:  # [vocab, hidden]; rows picked before any transpose
+        weights, equation, vocab_axis = embed.embedding_matrix(), "BPD,VD->BPV", 0
+      else:
+        weights = LMHead(c.hidden_size, c.vocab_size, dt, name="lm_head")()
+        equation, vocab_axis = "BPD,DV->BPV", 1
+      if vocab_subset is not None:
+        weights = jnp.take(weights, vocab_subset, axis=vocab_axis)
+      logits = jnp.einsum(equation, x.astype(weights.dtype), weights,
+                          preferred_element_type=jnp.float32)
+    head_outputs = None if captured is None else jnp.moveaxis(captured, 0, 1)
+    kv = KVCache(keys, values, attention_mask) if return_kv else None
+    return ForwardOutput(logits, head_outputs, kv)
+
+
+def forward(params: Params, config: ModelConfig, tokens: jax.Array,
+            positions: jax.Array | None = None, *, attention_mask: jax.Array | None = None,
+            kv_cache: KVCache | None = None, steering: jax.Array | None = None,
+            capture_positions: jax.Array | None = None,
+            logits_positions: jax.Array | None = None, vocab_subset: jax.Array | None = None,
+            return_logits: bool = True, return_kv: bool = False) -> ForwardOutput:
+  """Runs the decoder on `tokens` int32[B,T] at `positions` int32[B,T] (default 0..T-1).
+
+  attention_mask: bool[B,T], True for real tokens (padding is never attended to).
+  kv_cache: earlier tokens to attend to, `[layers, Bc, S, kv_heads, head_dim]` with mask
+    bool[Bc,S]; Bc is B or 1 (one prefix shared by all rows). All valid cache slots precede
+    this call's tokens; `positions` must continue the cache's positions.
+  steering: f32[L,N,H] or [B,L,N,H], added to every head's output at every position before
+    `o_proj`. None and all-zeros give the same result.
+  capture_positions: int32[B] -> `head_outputs` [B,L,N,H] at those positions (after steering).
+  logits_positions: int32[B,P] -> logits only there ([B,P,V']); None -> at every position.
+  vocab_subset: int32[V'] -> logits only for those token ids.
+  return_logits / return_kv: Python bools (static under jit): skip the logits; return this
+    call's keys/values as a `KVCache` (mask = attention_mask) to extend or reuse as a prefix.
+  `config`, `return_logits`, `return_kv` must be static when this is jitted.
+  """
+  B, T = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  dtype = params["embed_tokens"]["embedding"].dtype
+  return Llama(config, dtype).apply(
+      {"params": params}, tokens, positions, attention_mask, kv_cache, steering,
+      capture_positions, logits_positions, vocab_subset, return_logits, return_kv)
+
+
+forward_jit = jax.jit(forward, static_argnames=("config", "return_logits", "return_kv"))
+forward_jit.__doc__ = "`forward` under `jax.jit` (config and the return_* flags static)."
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+  """Random parameters in the `params.py` layout: kernels normal(0, 0.02), norms 1, biases 0.
+
+  Leaf by leaf, so peak memory is the parameters plus one leaf's random bits (an 8B model
+  fits next to its bfloat16 weights).
+  """
+  model = Llama(config, dtype)
+  one = jnp.zeros((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda k: model.init(k, one, one)["params"], key)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  normal = jax.jit(lambda k, shape: 0.02 * jax.random.normal(k, shape, dtype),
+                   static_argnums=1)
+  out = []
+  for i, (path, leaf) in enumerate(leaves):
+    name = path[-1].key
+    if name == "scale":
+      out.append(jnp.ones(leaf.shape, dtype))
+    elif name == "bias":
+      out.append(jnp.zeros(leaf.shape, dtype))
+    else:
+      out.append(normal(jax.random.fold_in(key, i), leaf.shape))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def param_count(params: Params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -1,0 +1,345 @@
+"""Batched inference on token ids: prefix-shared answer scoring, activation capture, generation.
+
+Owns the hot path of PAS evaluation. A subject's context (a chat-formatted system prompt with
+their ~120 answers, ~1,500 tokens) is followed by ~180 short question turns, each ending where
+the answer letter would be generated. `score_prefix_shared` encodes each context once into a
+key/value cache and scores every question against it in fixed-size batches, reading the
+log-probabilities of the option-letter tokens (log-softmax over those ids only). Steering applies
+to the context too, so every (subject, alpha) gets its own cache.
+
+Shapes are bucketed (`bucket_length`) and batches padded to fixed sizes, so a run compiles a
+handful of programs; padding never changes a result (padded keys are masked, padded rows are
+dropped). Token ids only: prompt text and tokenization live elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from palign_jax.errors import UserInputError
+from palign_jax.models.config import ModelConfig
+from palign_jax.models.llama import KVCache, forward
+from palign_jax.models.params import Params
+
+
+def bucket_length(n: int, minimum: int = 8) -> int:
+  """Rounds `n` up to a multiple of max(`minimum`, 1/8 of the power of two below it).
+
+  At most 12.5% padding (or `minimum` - 1 tokens) and 8 sizes per octave:
+  45 -> 48, 50 -> 56, 1500 -> 1536, 1545 -> 1664.
+  """
+  if n <= minimum:
+    return minimum
+  step = max(minimum, 1 << max(0, (n - 1).bit_length() - 4))
+  return -(-n // step) * step
+
+
+def _check_sequences(seqs: Sequence, config: ModelConfig, what: str) -> list[np.ndarray]:
+  out = []
+  for i, s in enumerate(seqs):
+    a = np.asarray(s)
+    if a.ndim != 1 or a.size == 0:
+      raise UserInputError(f"{what}[{i}]: expected a non-empty 1-D token id sequence, "
+                           f"got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.integer):
+      raise UserInputError(f"{what}[{i}]: token ids must be integers, got dtype {a.dtype}")
+    bad = (a < 0) | (a >= config.vocab_size)
+    if bad.any():
+      raise UserInputError(f"{what}[{i}]: token id {int(a[bad][0])} is outside the vocabulary "
+                           f"[0, {config.vocab_size})")
+    out.append(a.astype(np.int32))
+  if not out:
+    raise UserInputError(f"{what}: no sequences given")
+  return out
+
+
+def _pad(seqs: Sequence[np.ndarray], length: int, rows: int | None = None,
+         left: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """-> tokens int32[rows, length] (padded with id 0), lengths int32[rows] (pad rows: 1)."""
+  rows = len(seqs) if rows is None else rows
+  tokens = np.zeros((rows, length), np.int32)
+  lengths = np.ones((rows,), np.int32)
+  for i, s in enumerate(seqs):
+    if left:
+      tokens[i, length - len(s):] = s
+    else:
+      tokens[i, :len(s)] = s
+    lengths[i] = len(s)
+  return tokens, lengths
+
+
+def _option_ids(option_ids, config: ModelConfig) -> jax.Array:
+  ids = np.asarray(option_ids)
+  if ids.ndim != 1 or ids.size == 0 or (ids < 0).any() or (ids >= config.vocab_size).any():
+    raise UserInputError(f"option_ids: expected token ids in [0, {config.vocab_size}), "
+                         f"got {ids.tolist()}")
+  return jnp.asarray(ids, jnp.int32)
+
+
+def _check_steering(steering, config: ModelConfig, leads: Sequence[tuple[int, ...]],
+                    what: str) -> None:
+  """Raises unless steering's shape is one of `lead + [layers, heads, head_dim]`."""
+  per_head = (config.num_layers, config.num_heads, config.head_dim)
+  shape = tuple(np.shape(steering))
+
+  def fits(lead):
+    return len(shape) == len(lead) + 3 and all(
+        want in (None, got) for want, got in zip(lead, shape, strict=False))
+
+  if shape[-3:] == per_head and any(map(fits, leads)):
+    return
+  expected = " or ".join(str(tuple("*" if d is None else d for d in lead) + per_head)
+                         for lead in leads)
+  raise UserInputError(f"{what}: steering has shape {shape}; expected {expected} "
+                       "([..., layers, heads, head_dim])")
+
+
+# --- jitted kernels ---------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def encode_prefixes(params: Params, config: ModelConfig, tokens: jax.Array, lengths: jax.Array,
+                    steering: jax.Array | None = None) -> KVCache:
+  """Encodes right-padded prefixes into a cache.
+
+  tokens int32[P, S], lengths int32[P], steering [P, layers, heads, head_dim] or None
+  -> KVCache keys/values [layers, P, S, kv_heads, head_dim], mask bool[P, S].
+  """
+  mask = jnp.arange(tokens.shape[1])[None] < lengths[:, None]
+  return forward(params, config, tokens, None, attention_mask=mask, steering=steering,
+                 return_logits=False, return_kv=True).kv_cache
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def score_on_prefixes(params: Params, config: ModelConfig, cache: KVCache,
+                      prefix_lengths: jax.Array, tokens: jax.Array, lengths: jax.Array,
+                      option_ids: jax.Array, steering: jax.Array | None = None) -> jax.Array:
+  """Scores right-padded continuations of each cached prefix at their last real token.
+
+  cache: from `encode_prefixes` ([layers, P, S, ...]); prefix_lengths int32[P];
+  tokens int32[Q, T] and lengths int32[Q], shared by every prefix; option_ids int32[O];
+  steering [P, layers, heads, head_dim] or None
+  -> f32[P, Q, O]: log-softmax over the option ids of the next-token logits.
+  """
+
+  def one(keys, values, mask, prefix_length, tokens, lengths, steering):
+    Q, T = tokens.shape
+    positions = jnp.broadcast_to(prefix_length + jnp.arange(T, dtype=jnp.int32), (Q, T))
+    out = forward(params, config, tokens, positions,
+                  attention_mask=jnp.arange(T)[None] < lengths[:, None],
+                  kv_cache=KVCache(keys[:, None], values[:, None], mask[None]),
+                  steering=steering, logits_positions=(lengths - 1)[:, None],
+                  vocab_subset=option_ids)
+    return jax.nn.log_softmax(out.logits[:, 0], axis=-1)
+
+  return jax.vmap(one, in_axes=(1, 1, 0, 0, None, None, None if steering is None else 0))(
+      cache.keys, cache.values, cache.mask, prefix_lengths, tokens, lengths, steering)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def score_sequences(params: Params, config: ModelConfig, tokens: jax.Array, lengths: jax.Array,
+                    option_ids: jax.Array, steering: jax.Array | None = None) -> jax.Array:
+  """Full forward of right-padded prompts int32[B, T] -> f32[B, O] option log-softmax.
+
+  steering: [layers, heads, head_dim], [B, layers, heads, head_dim] or None.
+  """
+  out = forward(params, config, tokens, None,
+                attention_mask=jnp.arange(tokens.shape[1])[None] < lengths[:, None],
+                steering=steering, logits_positions=(lengths - 1)[:, None],
+                vocab_subset=option_ids)
+  return jax.nn.log_softmax(out.logits[:, 0], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def capture_last_token(params: Params, config: ModelConfig, tokens: jax.Array,
+                       lengths: jax.Array, steering: jax.Array | None = None) -> jax.Array:
+  """Head outputs of right-padded sequences at their last real token -> [B, layers, heads, hd]."""
+  return forward(params, config, tokens, None,
+                 attention_mask=jnp.arange(tokens.shape[1])[None] < lengths[:, None],
+                 steering=steering, capture_positions=lengths - 1,
+                 return_logits=False).head_outputs
+
+
+# --- drivers ----------------------------------------------------------------------------------
+
+def score_prefix_shared(params: Params, config: ModelConfig, prefixes: Sequence,
+                        questions: Sequence, option_ids, *, steering=None,
+                        question_batch: int = 32, prefix_batch: int = 1) -> np.ndarray:
+  """Option log-probabilities of every question after every prefix, encoding each prefix once.
+
+  prefixes: S token-id sequences (one per subject; ragged lengths are fine).
+  questions: Q token-id sequences, shared by all subjects, each ending where the answer token
+    is generated (the prompt is prefix + question, concatenated).
+  option_ids: O token ids (e.g. the letters A..E).
+  steering: None, [S, layers, heads, head_dim] or [S, A, layers, heads, head_dim] (A alphas;
+    each (subject, alpha) re-encodes its prefix, since steering acts on the prefix too).
+  question_batch: questions per batch; prefix_batch: (subject, alpha) prefixes per batch.
+  -> f32[S, Q, O] (or [S, A, Q, O]) log-softmax over the option ids.
+  """
+  prefixes = _check_sequences(prefixes, config, "prefixes")
+  questions = _check_sequences(questions, config, "questions")
+  option_ids = _option_ids(option_ids, config)
+  n_subjects, n_questions = len(prefixes), len(questions)
+  lead: tuple[int, ...] = (n_subjects,)
+  if steering is not None:
+    _check_steering(steering, config, [(n_subjects,), (n_subjects, None)], "score_prefix_shared")
+    lead = tuple(np.shape(steering)[:-3])
+    steering = jnp.reshape(jnp.asarray(steering), (-1,) + tuple(np.shape(steering)[-3:]))
+  n_alphas = int(np.prod(lead[1:], dtype=int))
+  items = [s for s in range(n_subjects) for _ in range(n_alphas)]  # (subject, alpha) order
+
+  q_len = bucket_length(max(map(len, questions)))
+  q_batches = []
+  for start in range(0, n_questions, question_batch):
+    tokens, lengths = _pad(questions[start:start + question_batch], q_len, question_batch)
+    q_batches.append((jnp.asarray(tokens), jnp.asarray(lengths)))
+
+  results = []
+  for start in range(0, len(items), prefix_batch):
+    group = items[start:start + prefix_batch]
+    group_prefixes = [prefixes[s] for s in group]
+    tokens, lengths = _pad(group_prefixes, bucket_length(max(map(len, group_prefixes))),
+                           prefix_batch)
+    lengths = jnp.asarray(lengths)
+    group_steering = None
+    if steering is not None:
+      index = np.arange(start, start + prefix_batch).clip(max=len(items) - 1)
+      group_steering = steering[index]
+    cache = encode_prefixes(params, config, jnp.asarray(tokens), lengths, group_steering)
+    scores = [score_on_prefixes(params, config, cache, lengths, q_tokens, q_lengths, option_ids,
+                                group_steering) for q_tokens, q_lengths in q_batches]
+    results.append(jnp.concatenate(scores, axis=1)[:len(group), :n_questions])
+  out = np.asarray(jnp.concatenate(results, axis=0))
+  return out.reshape(lead + (n_questions, out.shape[-1]))
+
+
+def score_full_prompts(params: Params, config: ModelConfig, prompts: Sequence, option_ids, *,
+                       steering=None, batch_size: int = 8) -> np.ndarray:
+  """The baseline: one full forward per prompt (no prefix sharing) -> f32[N, O].
+
+  steering: None or [layers, heads, head_dim] (the same for every prompt).
+  """
+  prompts = _check_sequences(prompts, config, "prompts")
+  option_ids = _option_ids(option_ids, config)
+  if steering is not None:
+    _check_steering(steering, config, [()], "score_full_prompts")
+    steering = jnp.asarray(steering)
+  length = bucket_length(max(map(len, prompts)))
+  scores = []
+  for start in range(0, len(prompts), batch_size):
+    tokens, lengths = _pad(prompts[start:start + batch_size], length, batch_size)
+    scores.append(score_sequences(params, config, jnp.asarray(tokens), jnp.asarray(lengths),
+                                  option_ids, steering))
+  return np.asarray(jnp.concatenate(scores))[:len(prompts)]
+
+
+def capture_head_outputs(params: Params, config: ModelConfig, sequences: Sequence, *,
+                         steering=None, batch_size: int = 16) -> np.ndarray:
+  """Per-head attention outputs (o_proj inputs) at each sequence's last token.
+
+  sequences: N token-id sequences; steering: None or [layers, heads, head_dim].
+  -> [N, layers, heads, head_dim] in the parameters' dtype. Sequences are batched by length
+  (sorted, each batch padded to a bucket) and returned in input order.
+  """
+  sequences = _check_sequences(sequences, config, "sequences")
+  if steering is not None:
+    _check_steering(steering, config, [()], "capture_head_outputs")
+    steering = jnp.asarray(steering)
+  order = np.argsort([len(s) for s in sequences], kind="stable")
+  outputs = []
+  for start in range(0, len(order), batch_size):
+    batch = [sequences[i] for i in order[start:start + batch_size]]
+    tokens, lengths = _pad(batch, bucket_length(max(map(len, batch))), batch_size)
+    outputs.append(capture_last_token(params, config, jnp.asarray(tokens), jnp.asarray(lengths),
+                                      steering))
+  captured = np.asarray(jnp.concatenate(outputs))[:len(order)]
+  result = np.empty_like(captured)
+  result[order] = captured
+  return result
+
+
+# --- generation -------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample"))
+def _generate(params, config, tokens, n_pad, steering, eos_ids, key, temperature,
+              max_new_tokens: int, sample: bool):
+  """Left-padded prompts int32[B, P] -> generated int32[B, max_new_tokens], done bool[B]."""
+  B, P = tokens.shape
+  slots = jnp.arange(P, dtype=jnp.int32)[None]
+  prompt_mask = slots >= n_pad[:, None]
+  lengths = P - n_pad  # real prompt lengths = position of the first generated token
+
+  def choose(logits, key):
+    if sample:
+      return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  prefill = forward(params, config, tokens, jnp.maximum(slots - n_pad[:, None], 0),
+                    attention_mask=prompt_mask, steering=steering,
+                    logits_positions=jnp.full((B, 1), P - 1), return_kv=True)
+  grow = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)))
+  keys, values = grow(prefill.kv_cache.keys), grow(prefill.kv_cache.values)
+  mask = jnp.pad(prompt_mask, ((0, 0), (0, max_new_tokens)))
+  key, sub = jax.random.split(key)
+  token = choose(prefill.logits[:, 0], sub)
+  generated = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(token)
+  done = jnp.isin(token, eos_ids)
+
+  def cond(state):
+    t, *_, done, _ = state
+    return (t < max_new_tokens) & ~jnp.all(done)
+
+  def step(state):
+    t, token, keys, values, mask, generated, done, key = state
+    out = forward(params, config, token[:, None], (lengths + t - 1)[:, None],
+                  kv_cache=KVCache(keys, values, mask), steering=steering, return_kv=True)
+    slot = P + t - 1
+    keys = jax.lax.dynamic_update_slice_in_dim(keys, out.kv_cache.keys, slot, axis=2)
+    values = jax.lax.dynamic_update_slice_in_dim(values, out.kv_cache.values, slot, axis=2)
+    mask = jax.lax.dynamic_update_slice_in_dim(mask, jnp.ones((B, 1), bool), slot, axis=1)
+    key, sub = jax.random.split(key)
+    token = jnp.where(done, 0, choose(out.logits[:, 0], sub))
+    generated = jax.lax.dynamic_update_slice_in_dim(generated, token[:, None], t, axis=1)
+    return t + 1, token, keys, values, mask, generated, done | jnp.isin(token, eos_ids), key
+
+  state = (jnp.int32(1), token, keys, values, mask, generated, done, key)
+  state = jax.lax.while_loop(cond, step, state)
+  return state[5]
+
+
+def generate(params: Params, config: ModelConfig, prompts: Sequence, max_new_tokens: int, *,
+             steering=None, temperature: float = 0.0, seed: int = 0,
+             eos_ids: Sequence[int] = ()) -> list[np.ndarray]:
+  """Continues each prompt with a key/value cache: greedy, or sampled if temperature > 0.
+
+  prompts: B token-id sequences (ragged: left-padded internally).
+  steering: None, [layers, heads, head_dim] or [B, layers, heads, head_dim]; applied to the
+    prompt and every generated token.
+  seed: PRNG seed for sampling (same seed, same output). eos_ids: generation of a row stops
+    after it emits one of these (the eos token is included in its output).
+  -> B int32 arrays of generated ids (at most max_new_tokens each).
+  """
+  prompts = _check_sequences(prompts, config, "prompts")
+  if max_new_tokens < 1:
+    raise UserInputError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature < 0:
+    raise UserInputError(f"generate: temperature must be >= 0, got {temperature}")
+  if steering is not None:
+    _check_steering(steering, config, [(), (len(prompts),)], "generate")
+    steering = jnp.asarray(steering)
+  length = bucket_length(max(map(len, prompts)))
+  tokens, lengths = _pad(prompts, length, left=True)
+  eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+  generated = np.asarray(_generate(
+      params, config, jnp.asarray(tokens), jnp.asarray(length - lengths), steering, eos,
+      jax.random.key(seed), jnp.float32(max(temperature, 1e-6)), max_new_tokens=max_new_tokens,
+      sample=temperature > 0))
+  out = []
+  for row in generated:
+    stop = np.flatnonzero(np.isin(row, list(eos_ids)))
+    out.append(row[:stop[0] + 1] if stop.size else row)
+  return out
