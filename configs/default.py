@@ -21,6 +21,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.pas.alphas = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
   config.pas.folds = 3  # honest alpha selection: k-fold over the 120 known items
   config.scoring = ml_collections.ConfigDict()
-  config.scoring.question_batch = 64  # questions scored together against one prefix cache
+  config.scoring.question_batch = 20  # 20 divides the 180 held-out items and 40-item folds
   config.plots = True
   return config

@@ -49,7 +49,7 @@ _TOP_K = flags.DEFINE_float("top_k", 24, "Heads kept: a count, or a fraction of 
 _ALPHAS = flags.DEFINE_list("alphas", ["0", "1", "2", "4", "6", "8"], "Candidate alphas.")
 _FOLDS = flags.DEFINE_integer("folds", 3, "k of the honest k-fold alpha selection.")
 _BATCH = flags.DEFINE_integer("subjects_per_batch", 4, "Subjects aligned together.")
-_QUESTION_BATCH = flags.DEFINE_integer("question_batch", 64, "Questions scored together.")
+_QUESTION_BATCH = flags.DEFINE_integer("question_batch", 20, "Questions scored together.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the probe splits and folds.")
 
 
