@@ -50,6 +50,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench_scoring import matmul_peak  # noqa: E402  (same directory; one definition of the peak)
+
 from palign_jax import data, prompts, scoring  # noqa: E402
 from palign_jax import engine as engine_lib  # noqa: E402
 from palign_jax.evaluation import methods  # noqa: E402
@@ -110,20 +112,6 @@ def stage(name: str, start: float, end: float, *, compile_s: float | None = None
           "compile_s": compile_seconds(start, end) if compile_s is None else compile_s,
           "tokens": tokens, "flops": flops, "rss_mb": peak_rss_mb(),
           "device_mb": device_peak_mb(), "load1": os.getloadavg()[0], "note": note}
-
-
-def matmul_peak(dtype: str, n: int, repeats: int = 10) -> float:
-  """Best FLOP/s of a jitted [n, n] @ [n, n] matmul."""
-  a = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(2), (n, n), dtype)
-  dot = jax.jit(jnp.dot)
-  dot(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    dot(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
 
 
 # --- FLOPs of the programs scoring.py runs ----------------------------------------------------
