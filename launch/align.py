@@ -12,6 +12,10 @@ finished subjects. Use a profile with `python -m launch.chat --profile=...`.
 
 from __future__ import annotations
 
+from launch import common
+
+common.require_runtime()  # before the imports it checks
+
 import pathlib
 import sys
 
@@ -19,7 +23,6 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from launch import common
 from palign_jax import data, prompts
 from palign_jax.errors import UserInputError
 from palign_jax.evaluation import methods as methods_lib

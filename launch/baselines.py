@@ -5,13 +5,17 @@
 
 from __future__ import annotations
 
+from launch import common
+
+common.require_runtime()  # before the imports it checks
+
 import json
 import pathlib
 
 from absl import flags
 
-from launch import common
 from palign_jax import data
+from palign_jax.errors import UserInputError
 from palign_jax.evaluation import baselines, metrics, report
 
 _OUTPUT = flags.DEFINE_string(
@@ -42,7 +46,7 @@ def main(argv: list[str]) -> None:
   del argv
   unknown = [m for m in _METHODS.value if m not in baselines.BASELINE_METHODS]
   if unknown:
-    raise common.UserInputError(f"--methods: unknown baseline(s) {unknown}; known: "
+    raise UserInputError(f"--methods: unknown baseline(s) {unknown}; known: "
                                 f"{', '.join(baselines.BASELINE_METHODS)}")
   summaries = run_baselines(_SUBJECTS.value, _METHODS.value, _SEED.value)
   n = next(iter(summaries.values())).n_subjects

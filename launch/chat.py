@@ -12,13 +12,16 @@ default system prompt and no steering.
 
 from __future__ import annotations
 
+from launch import common
+
+common.require_runtime()  # before the imports it checks
+
 import pathlib
 import sys
 
 import numpy as np
 from absl import flags
 
-from launch import common
 from palign_jax import data, prompts
 from palign_jax.errors import UserInputError
 from palign_jax.evaluation import plots

@@ -10,6 +10,10 @@ end: results.json, results.md (table with bootstrap CIs) and PNG plots.
 
 from __future__ import annotations
 
+from launch import common
+
+common.require_runtime()  # before the imports it checks
+
 import pathlib
 import sys
 import time
@@ -18,7 +22,6 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from launch import common
 from palign_jax import data, prompts
 from palign_jax.errors import UserInputError
 from palign_jax.evaluation import methods as methods_lib

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The README's test command: install the runtime and the test references (torch CPU,
+# scikit-learn, pytest, ruff) and run the fast tests. Extra arguments go to pytest, e.g.
+# `bash scripts/test.sh -m slow` for the real-model tests (CI runs both).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --test
+set +e
+.venv/bin/python -m pytest "$@"
+status=$?
+# pytest exits 5 when it collected no tests: that is a failure of the suite, not a pass.
+[ $status -eq 5 ] && echo "pytest collected no tests" >&2
+exit $status
