@@ -1,9 +1,12 @@
-"""Default evaluation config: every method, the reference's PAS settings.
+"""The run configuration every launcher reads (`evaluate`, `align`, `chat`): the one place
+where settings and their defaults live. The PAS values are the reference's.
 
     python -m launch.evaluate --config=configs/default.py --config.pas.top_k=48
+    python -m launch.align --config=configs/default.py --config.pas.selection=oracle_test
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from palign_jax.evaluation import methods
 
@@ -14,13 +17,29 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = "float32"  # parameter dtype: float32 or bfloat16
   config.subjects = "0:8"  # 'all', ids, 0-based ranges, or an answers file (CSV/JSON)
   config.methods = ",".join(methods.LLM_METHODS + ("constant_3", "item_mean_loso", "ridge_cv"))
-  config.seed = 0
-  config.subjects_per_batch = 4  # subjects aligned together in one compiled sweep
+  config.seed = 0  # probe splits, head tie-breaking, folds, bootstrap
+  config.subjects_per_batch = 8  # subjects aligned together (probe fits and sweeps)
+
   config.pas = ml_collections.ConfigDict()
-  config.pas.top_k = 24.0  # heads kept: a count, or a fraction of all heads when < 1
-  config.pas.alphas = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
-  config.pas.folds = 3  # honest alpha selection: k-fold over the 120 known items
+  config.pas.top_k = 24  # heads kept per subject, a count (the reference's value)
+  # A share of all heads in (0, 1] instead; when set, it is used and top_k is ignored.
+  config.pas.top_k_fraction = config_dict.placeholder(float)
+  config.pas.alphas = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)  # candidates; must include 0
+  config.pas.folds = 3  # k of the honest k-fold alpha selection over the 120 known items
+  config.pas.selection = "kfold_known"  # launch.align: kfold_known (honest) or oracle_test
+  config.pas.decoding = "argmax"  # launch.align / chat: the decoding whose alpha a profile keeps
+
+  config.probe = ml_collections.ConfigDict()
+  config.probe.c = 1.0  # scikit-learn's C (inverse L2 strength), the reference's value
+  config.probe.val_fraction = 0.4  # share of a subject's labelled items held out to rank heads
+  config.probe.split_by = "pairs"  # "pairs": an item's A/E vectors stay on one side;
+  #                                  "vectors": split single vectors, as the reference does
+  config.probe.min_items = 2  # fewest labelled items (answers other than 3) to fit a subject
+  config.probe.max_iter = 200  # L-BFGS iteration cap
+  config.probe.tol = 1e-6  # stop when max|gradient| <= tol * C * n_train
+
   config.scoring = ml_collections.ConfigDict()
-  config.scoring.question_batch = 20  # 20 divides the 180 held-out items and 40-item folds
+  config.scoring.question_batch = 20  # questions per compiled call (20 divides 180 and 40)
+  config.scoring.prefix_batch = 0  # (subject, alpha) contexts per call; 0 = sized to memory
   config.plots = True
   return config

@@ -2,11 +2,13 @@
 
     python -m launch.align --subjects=0:4 --output_dir=runs/align
     python -m launch.align --subjects=examples/my_answers.csv --output_dir=runs/me
+    python -m launch.align --subjects=0:4 --config.pas.selection=oracle_test   # the paper's
 
-Writes, as each batch of subjects finishes: OUTPUT_DIR/profiles/<subject>/ (an
-orbax checkpoint: heads, directions, sigma, chosen alpha, context, model
-fingerprint) and a line in OUTPUT_DIR/records.jsonl (kept heads, alpha,
-per-trait errors when the subject's held-out answers are known). Reruns skip
+Runs the same protocol as `launch.evaluate` (`palign_jax.protocol.alignment`) with the same
+config, so the same subjects get the same alphas and predictions. Writes, as each batch of
+subjects finishes: OUTPUT_DIR/profiles/<subject>/ (an orbax checkpoint: heads, directions,
+sigma, chosen alpha, context, model fingerprint) and a line in OUTPUT_DIR/records.jsonl (kept
+heads, alpha, per-trait errors when the subject's held-out answers are known). Reruns skip
 finished subjects. Use a profile with `python -m launch.chat --profile=...`.
 """
 
@@ -20,112 +22,100 @@ import pathlib
 import sys
 
 import numpy as np
-from absl import flags
 from tqdm import tqdm
 
-from palign_jax import data, prompts
+from palign_jax import data, prompts, readout, store
 from palign_jax.errors import UserInputError
-from palign_jax.evaluation import methods as methods_lib
-from palign_jax.evaluation import store
-from palign_jax.pas import profile as profile_lib
-from palign_jax.pas import search
+from palign_jax.protocol import alignment as alignment_lib
+from palign_jax.protocol import profile as profile_lib
+from palign_jax.protocol import records as records_lib
 
-ALPHA_SELECTIONS = ("kfold_known", "oracle_test")
+_CONFIG = common.config_flag()
+_MODEL = common.shorthand_flag("model", common.MODEL_HELP)
+_SUBJECTS = common.shorthand_flag("subjects", common.SUBJECTS_HELP)
+_OUTPUT_DIR = common.output_dir_flag()
 
-_MODEL = flags.DEFINE_string("model", "default", "'default' (embedded SmolLM2-135M-Instruct "
-                             "GGUF), a .gguf file, or a local Hugging Face folder.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
-_SUBJECTS = flags.DEFINE_string(
-    "subjects", "0:2", "PAPI subjects ('all', ids, 0-based ranges like '0:8') or a CSV/JSON "
-    "answers file with at least the 120 short-form items (see examples/my_answers.csv).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/align", "Where profiles/ and "
-                                  "records.jsonl go; rerunning resumes.")
-_ALPHA_SELECTION = flags.DEFINE_enum(
-    "alpha_selection", "kfold_known", ALPHA_SELECTIONS,
-    "kfold_known (default, honest): alpha chosen by k-fold over the subject's 120 known items. "
-    "oracle_test: the reference's protocol, alpha chosen by the error on the 180 held-out TEST "
-    "items (optimistic; needs the held-out answers; labelled in every output).")
-_DECODING = flags.DEFINE_enum("decoding", "argmax", list(search.DECODINGS),
-                              "Answer decoding used to choose alpha: argmax (most likely "
-                              "letter, the paper's) or median (of the letter distribution).")
-_TOP_K = flags.DEFINE_float("top_k", 24, "Heads kept: a count, or a fraction of all heads if < 1.")
-_ALPHAS = flags.DEFINE_list("alphas", ["0", "1", "2", "4", "6", "8"], "Candidate alphas.")
-_FOLDS = flags.DEFINE_integer("folds", 3, "k of the honest k-fold alpha selection.")
-_BATCH = flags.DEFINE_integer("subjects_per_batch", 4, "Subjects aligned together.")
-_QUESTION_BATCH = flags.DEFINE_integer("question_batch", 20, "Questions scored together.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the probe splits and folds.")
+METHOD_OF = {"kfold_known": "pas", "oracle_test": "pas_oracle_test"}
+
+
+def _safe(subject_id: str) -> str:
+  return "".join(c if c.isalnum() or c in "-_." else "_" for c in subject_id)
+
+
+def run(config, output_dir: str) -> store.ResultStore:
+  """Aligns the config's subjects into `output_dir`; returns the result store."""
+  selection, decoding = str(config.pas.selection), str(config.pas.decoding)
+  if selection not in METHOD_OF:
+    raise UserInputError(f"--config.pas.selection: {selection!r} is not one of "
+                         f"{sorted(METHOD_OF)}")
+  if decoding not in readout.DECODINGS:
+    raise UserInputError(f"--config.pas.decoding: {decoding!r} is not one of "
+                         f"{list(readout.DECODINGS)}")
+  subjects = data.parse_subject_spec(str(config.subjects), data.load_papi_subjects())
+  heldout = data.load_split().heldout
+  has_test = (subjects.answers[:, heldout] > 0).any(axis=1)
+
+  from palign_jax import engine as engine_lib
+  engine = engine_lib.Engine.from_config(config)
+  settings = alignment_lib.AlignSettings.from_config(
+      config, engine.config.num_layers * engine.config.num_heads)
+  out = pathlib.Path(output_dir)
+  results_store = store.ResultStore(out, {
+      "model": {"fingerprint": engine.fingerprint, "source": engine.source,
+                "dtype": config.dtype},
+      "prompt_version": prompts.PROMPT_VERSION, "seed": int(config.seed),
+      "pas": {k: ([float(a) for a in v] if k == "alphas" else v)
+              for k, v in config.pas.to_dict().items()},
+      "probe": config.probe.to_dict()})
+  method = METHOD_OF[selection]
+  pending = [s for s in subjects.ids if not results_store.has(s, method)]
+  bar = tqdm(total=len(pending), desc="aligning", unit="subject", file=sys.stderr)
+  if pending:
+    bar.set_postfix_str("shared activations (once per model)")
+    engine.activations()
+  batch = max(1, int(config.subjects_per_batch))
+  for start in range(0, len(pending), batch):
+    chunk = subjects.select(pending[start:start + batch])
+    known = data.known_answers(chunk).astype(np.int64)
+    alignments = alignment_lib.align_subjects(
+        engine, engine.activations(), chunk, settings, selections=(selection,),
+        heldout=heldout if has_test.any() else heldout[:0], progress=bar.set_postfix_str)
+    for s, alignment in enumerate(alignments):
+      profile = profile_lib.profile_from_alignment(
+          alignment, model_fingerprint=engine.fingerprint, model_source=engine.source,
+          known_answers=known[s], selection=selection, decoding=decoding,
+          settings={"pas": config.pas.to_dict(), "probe": config.probe.to_dict(),
+                    "seed": int(config.seed)})
+      path = profile_lib.save_profile(out / "profiles" / _safe(alignment.subject_id), profile)
+      layers, heads = np.nonzero(alignment.head_mask)
+      seconds = sum(alignment.work["stage_seconds"].values()) / len(chunk)
+      (record,) = records_lib.pas_records(
+          alignment, chunk.answers[s], [method], profile=str(path), decoding=decoding,
+          heads=[[int(a), int(b)] for a, b in zip(layers, heads, strict=True)],
+          sigma=[float(alignment.sigma[a, b]) for a, b in zip(layers, heads, strict=True)],
+          has_test_answers=bool(has_test[subjects.ids.index(alignment.subject_id)]),
+          seconds_per_subject=seconds)
+      results_store.append(record)
+    bar.update(len(chunk))
+  bar.close()
+  return results_store
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise UserInputError(f"unexpected arguments {argv[1:]}; see --help")
-  try:
-    alphas = tuple(float(a) for a in _ALPHAS.value)
-  except ValueError:
-    raise UserInputError(f"--alphas: {_ALPHAS.value} are not all numbers") from None
-  settings = search.PasSettings(top_k=_TOP_K.value, alphas=alphas, folds=_FOLDS.value,
-                                seed=_SEED.value)
-  subjects = data.parse_subject_spec(_SUBJECTS.value, data.load_papi_subjects())
-  heldout = data.load_split().heldout
-  has_test = (subjects.answers[:, heldout] > 0).any(axis=1)
-  oracle = _ALPHA_SELECTION.value == "oracle_test"
-  if oracle and not has_test.all():
-    missing = [s for s, ok in zip(subjects.ids, has_test, strict=True) if not ok]
-    raise UserInputError(f"--alpha_selection=oracle_test needs held-out answers, which subjects "
-                         f"{missing[:5]} do not have; use kfold_known")
-
-  from palign_jax import engine as engine_lib
-  engine = engine_lib.Engine.load(_MODEL.value, dtype=_DTYPE.value,
-                                  question_batch=_QUESTION_BATCH.value)
-  out = pathlib.Path(_OUTPUT_DIR.value)
-  results_store = store.ResultStore(out, {
-      "model": {"fingerprint": engine.fingerprint, "source": engine.source,
-                "dtype": _DTYPE.value},
-      "prompt_version": prompts.PROMPT_VERSION, "alpha_selection": _ALPHA_SELECTION.value,
-      "decoding": _DECODING.value, "pas": {"top_k": settings.top_k, "alphas": list(alphas),
-                                           "folds": settings.folds}, "seed": settings.seed})
-  method = "pas_oracle_test" if oracle else "pas"
-  pending = [s for s in subjects.ids if not results_store.has(s, method)]
-  bar = tqdm(total=len(pending), desc="aligning", unit="subject", file=sys.stderr)
-  for start in range(0, len(pending), max(1, _BATCH.value)):
-    chunk = subjects.select(pending[start:start + _BATCH.value])
-    known = data.known_answers(chunk).astype(np.int64)
-    sweep = search.run_sweep(engine.score, engine.activations(), known, settings,
-                             subject_ids=chunk.ids, with_selection=not oracle,
-                             heldout=heldout if has_test.any() else heldout[:0],
-                             progress=bar.set_postfix_str)
-    records = methods_lib.sweep_records(sweep, chunk, [method], settings, seconds_per_subject=0)
-    for s, (sid, record) in enumerate(zip(chunk.ids, records, strict=True)):
-      alpha = record["alpha"][_DECODING.value]
-      fitted = profile_lib.AlignmentProfile(
-          subject_id=sid, model_fingerprint=engine.fingerprint, model_source=engine.source,
-          prompt_version=prompts.PROMPT_VERSION,
-          system_prompt=prompts.few_shot_system_prompt(known[s]), alpha=alpha,
-          alpha_selection=record["alpha_selection"], known_answers=known[s],
-          head_mask=np.asarray(sweep.fit.head_mask[s]),
-          directions=np.asarray(sweep.fit.directions[s]), sigma=np.asarray(sweep.fit.sigma[s]),
-          settings={"top_k": settings.top_k, "alphas": list(alphas), "folds": settings.folds,
-                    "decoding": _DECODING.value, "seed": settings.seed})
-      path = profile_lib.save_profile(out / "profiles" / _safe(sid), fitted)
-      layers, heads = np.nonzero(fitted.head_mask)
-      record.update(profile=str(path), heads=[[int(a), int(b)] for a, b in
-                                              zip(layers, heads, strict=True)],
-                    sigma=[float(fitted.sigma[a, b]) for a, b in zip(layers, heads, strict=True)],
-                    has_test_answers=bool(has_test[subjects.ids.index(sid)]))
-      results_store.append(record)
-    bar.update(len(chunk))
-  bar.close()
+  config = common.resolved_config(_CONFIG, model=_MODEL.value, subjects=_SUBJECTS.value)
+  results_store = run(config, common.output_dir("align"))
+  method = METHOD_OF[str(config.pas.selection)]
+  decoding = str(config.pas.decoding)
+  subjects = data.parse_subject_spec(str(config.subjects), data.load_papi_subjects())
   for sid in subjects.ids:
     record = results_store.get(sid, method)
-    errors = record["decodings"][_DECODING.value]["sum"] if record["has_test_answers"] else None
-    print(f"subject {sid}: alpha={record['alpha'][_DECODING.value]} ({record['alpha_selection']})"
-          f", {len(record['heads'])} heads" + (f", held-out error sum {errors:.3f}"
-                                               if errors is not None else "")
+    error = record["decodings"][decoding]["sum"] if record["has_test_answers"] else None
+    print(f"subject {sid}: alpha={record['alpha'][decoding]} ({record['alpha_selection']}, "
+          f"{decoding}), {len(record['heads'])} heads"
+          + (f", held-out error sum {error:.3f}" if error is not None else "")
           + f", profile {record['profile']}")
-
-
-def _safe(subject_id: str) -> str:
-  return "".join(c if c.isalnum() or c in "-_." else "_" for c in subject_id)
 
 
 if __name__ == "__main__":

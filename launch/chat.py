@@ -19,19 +19,19 @@ common.require_runtime()  # before the imports it checks
 import pathlib
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from palign_jax import data, prompts
+from palign_jax import data, prompts, readout
 from palign_jax.errors import UserInputError
 from palign_jax.evaluation import plots
-from palign_jax.pas import profile as profile_lib
+from palign_jax.protocol import profile as profile_lib
 
+_CONFIG = common.config_flag()
 _PROFILE = flags.DEFINE_string("profile", None, "Alignment profile directory written by "
                                "launch.align (OUTPUT_DIR/profiles/<subject>).")
-_MODEL = flags.DEFINE_string("model", "default", "The model the profile was made for: "
-                             "'default', a .gguf file or a local Hugging Face folder.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+_MODEL = common.shorthand_flag("model", common.MODEL_HELP)
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt to answer.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file, one prompt per line.")
 _INVENTORY = flags.DEFINE_bool("inventory", False, "Re-administer all 300 items to the aligned "
@@ -57,15 +57,15 @@ def _prompts() -> list[str] | None:
 def inventory_table(engine, profile: profile_lib.AlignmentProfile, person: np.ndarray) -> str:
   """Trait scores (1..5) on all 300 items: person (where answered), unaligned, aligned."""
   everything = np.arange(data.NUM_ITEMS)
-  steering = profile.steering(_ALPHA.value)[None]
-  aligned = engine.score([profile.system_prompt], everything, steering)[0]
-  unaligned = engine.score([prompts.DEFAULT_SYSTEM_PROMPT], everything, None)[0]
+  steering = jnp.asarray(profile.steering(_ALPHA.value))[None, None]  # [1 context, 1 alpha, ...]
+  aligned = engine.score([engine.context_tokens(profile.system_prompt)], everything,
+                         steering=steering)[0]
+  unaligned = engine.score_systems([prompts.DEFAULT_SYSTEM_PROMPT], everything)[0]
+  decoding = profile.settings.get("decoding", readout.DECODINGS[0])
   rows = {
       "person": plots.trait_scores(person, everything),
-      "unaligned model": plots.trait_scores(
-          prompts.letter_probabilities_to_answers(unaligned), everything),
-      "aligned model": plots.trait_scores(
-          prompts.letter_probabilities_to_answers(aligned), everything),
+      "unaligned model": plots.trait_scores(readout.answers(unaligned, decoding), everything),
+      "aligned model": plots.trait_scores(readout.answers(aligned, decoding), everything),
   }
   lines = [f"{'':16}" + "".join(f"{data.TRAIT_NAMES[t]:>19}" for t in data.TRAITS)]
   for name, scores in rows.items():
@@ -79,7 +79,8 @@ def main(argv: list[str]) -> None:
   if not _PROFILE.value:
     raise UserInputError("--profile is required (a directory written by launch.align)")
   from palign_jax import engine as engine_lib
-  engine = engine_lib.Engine.load(_MODEL.value, dtype=_DTYPE.value)
+  config = common.resolved_config(_CONFIG, model=_MODEL.value)
+  engine = engine_lib.Engine.from_config(config)
   profile = profile_lib.load_profile(_PROFILE.value, model_fingerprint=engine.fingerprint,
                                      prompt_version=prompts.PROMPT_VERSION)
   alpha = profile.alpha if _ALPHA.value is None else _ALPHA.value

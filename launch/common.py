@@ -85,3 +85,66 @@ def run(main: Callable[[list[str]], None]) -> None:
       sys.exit(2)
 
   app.run(guarded)
+
+
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py"
+_SHARED_FLAGS: dict = {}  # defined once per process, so launchers can be imported together
+
+
+def config_flag():
+  """`--config` (a configs/*.py file, fields overridable as --config.FIELD=VALUE), the same
+  flag in every launcher, so every setting has one source: the config."""
+  if "config" not in _SHARED_FLAGS:
+    from ml_collections import config_flags
+
+    _SHARED_FLAGS["config"] = config_flags.DEFINE_config_file(
+        "config", str(DEFAULT_CONFIG),
+        "Run configuration: a configs/*.py file returning an ml_collections ConfigDict "
+        "(default configs/default.py, which documents every field). Override fields with "
+        "--config.FIELD=VALUE, e.g. --config.pas.top_k=48 --config.pas.alphas='(0,2,4)' "
+        "--config.scoring.prefix_batch=8.")
+  return _SHARED_FLAGS["config"]
+
+
+def shorthand_flag(field: str, help_text: str):
+  """`--FIELD`, a shorthand for `--config.FIELD` (no default of its own: the config's)."""
+  if field not in _SHARED_FLAGS:
+    from absl import flags
+
+    _SHARED_FLAGS[field] = flags.DEFINE_string(
+        field, None, f"Shorthand for --config.{field}: {help_text}")
+  return _SHARED_FLAGS[field]
+
+
+def output_dir_flag():
+  """`--output_dir`; each launcher's default is runs/<launcher> (see `output_dir`)."""
+  if "output_dir" not in _SHARED_FLAGS:
+    from absl import flags
+
+    _SHARED_FLAGS["output_dir"] = flags.DEFINE_string(
+        "output_dir", None, "Where the run's records, results and profiles go (default "
+        "runs/evaluate for launch.evaluate, runs/align for launch.align). Rerunning with the "
+        "same directory resumes and skips what is done; a directory made by another model or "
+        "configuration is refused, never overwritten.")
+  return _SHARED_FLAGS["output_dir"]
+
+
+def output_dir(launcher: str) -> str:
+  return output_dir_flag().value or f"runs/{launcher}"
+
+
+MODEL_HELP = ("'default' (the embedded SmolLM2-135M-Instruct GGUF), a .gguf file, or a local "
+              "Hugging Face folder (config.json + safetensors + tokenizer files).")
+SUBJECTS_HELP = ("'all' (the 300 PAPI subjects), comma-separated ids, 0-based ranges like "
+                 "'0:8', or a CSV/JSON answers file with at least the 120 short-form items "
+                 "(see examples/my_answers.csv).")
+
+
+def resolved_config(config_holder, **overrides):
+  """The config with the launcher's shorthand flags (`--model=...`) applied where given."""
+  config = config_holder.value
+  with config.unlocked():
+    for field, value in overrides.items():
+      if value is not None:
+        config[field] = value
+  return config

@@ -3,9 +3,9 @@
     python -m launch.evaluate --subjects=0:4 --output_dir=runs/quickstart
     python -m launch.evaluate --config=configs/default.py --config.pas.folds=5 --model=/path/hf
 
-Per-subject records are appended to OUTPUT_DIR/records.jsonl as each batch of
-subjects finishes; a rerun with the same --output_dir skips what is done. At the
-end: results.json, results.md (table with bootstrap CIs) and PNG plots.
+Each (subject, method) record is appended to OUTPUT_DIR/records.jsonl as soon as it is
+computed; a rerun with the same --output_dir skips what is done. At the end: results.json,
+results.md (table with bootstrap CIs) and PNG plots, all computed from the records.
 """
 
 from __future__ import annotations
@@ -18,48 +18,22 @@ import pathlib
 import sys
 import time
 
-from absl import flags
-from ml_collections import config_flags
 from tqdm import tqdm
 
-from palign_jax import data, prompts
+from palign_jax import data, prompts, scoring, store
 from palign_jax.errors import UserInputError
 from palign_jax.evaluation import methods as methods_lib
-from palign_jax.evaluation import plots, report, store
-from palign_jax.pas import search
+from palign_jax.evaluation import plots, report
+from palign_jax.protocol import alignment as alignment_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py"),
-    "Run configuration (a configs/*.py file); override fields with --config.FIELD=VALUE, e.g. "
-    "--config.pas.top_k=48 --config.pas.alphas='(0,2,4)'.")
-_MODEL = flags.DEFINE_string(
-    "model", None, "Model to evaluate: 'default' (the embedded SmolLM2-135M-Instruct GGUF), a "
-    ".gguf file, or a local Hugging Face folder (config.json + safetensors). Overrides "
-    "config.model.")
-_SUBJECTS = flags.DEFINE_string(
-    "subjects", None, "Subjects: 'all' (the 300 PAPI subjects), comma-separated ids, 0-based "
-    "ranges like '0:8', or a CSV/JSON answers file (see examples/my_answers.csv). Overrides "
-    "config.subjects.")
-_METHODS = flags.DEFINE_string(
-    "methods", None, "Comma-separated methods (overrides config.methods). LLM: "
+_CONFIG = common.config_flag()
+_MODEL = common.shorthand_flag("model", common.MODEL_HELP)
+_SUBJECTS = common.shorthand_flag("subjects", common.SUBJECTS_HELP)
+_METHODS = common.shorthand_flag(
+    "methods", "comma-separated rows of the table. LLM: "
     f"{', '.join(methods_lib.LLM_METHODS)}; non-LLM baselines: "
     f"{', '.join(methods_lib.baselines.BASELINE_METHODS)}.")
-_OUTPUT_DIR = flags.DEFINE_string(
-    "output_dir", "runs/evaluate", "Directory for records.jsonl, results.json, results.md and "
-    "plots. Rerunning with the same directory resumes; a directory made by another model or "
-    "configuration is refused.")
-_SEED = flags.DEFINE_integer("seed", None, "Seed for probe splits, folds and the bootstrap "
-                             "(overrides config.seed).")
-
-
-def _resolved_config():
-  config = _CONFIG.value
-  with config.unlocked():
-    for flag, field in ((_MODEL, "model"), (_SUBJECTS, "subjects"), (_METHODS, "methods"),
-                        (_SEED, "seed")):
-      if flag.value is not None:
-        config[field] = flag.value
-  return config
+_OUTPUT_DIR = common.output_dir_flag()
 
 
 def _parse_methods(spec: str) -> list[str]:
@@ -71,28 +45,38 @@ def _parse_methods(spec: str) -> list[str]:
   return chosen
 
 
-def pas_settings(config) -> search.PasSettings:
-  return search.PasSettings(top_k=float(config.pas.top_k), alphas=tuple(config.pas.alphas),
-                            folds=int(config.pas.folds), seed=int(config.seed))
+def identity_of(config, engine=None) -> dict:
+  """What makes records comparable: prompts, seed, PAS and probe settings, the model."""
+  identity = {"prompt_version": prompts.PROMPT_VERSION, "seed": int(config.seed),
+              "pas": {k: v for k, v in config.pas.to_dict().items()
+                      if k not in ("selection", "decoding")},
+              "probe": config.probe.to_dict()}
+  identity["pas"]["alphas"] = [float(a) for a in identity["pas"]["alphas"]]
+  if engine is not None:
+    identity["model"] = {"fingerprint": engine.fingerprint, "source": engine.source,
+                         "dtype": config.dtype}
+  return identity
 
 
 def run(config, output_dir: str) -> dict:
   """Runs the evaluation described by `config` into `output_dir`; returns results.json."""
   methods = _parse_methods(config.methods)
   subjects = data.parse_subject_spec(str(config.subjects), data.load_papi_subjects())
-  settings = pas_settings(config)
   llm_methods = [m for m in methods if m in methods_lib.LLM_METHODS]
-  engine = None
-  identity = {"prompt_version": prompts.PROMPT_VERSION, "seed": int(config.seed),
-              "pas": {"top_k": settings.top_k, "alphas": list(settings.alphas),
-                      "folds": settings.folds}}
+  if "pas_oracle_test" in llm_methods:
+    heldout = data.load_split().heldout
+    blank = [s for s, row in zip(subjects.ids, subjects.answers[:, heldout], strict=True)
+             if not (row > 0).any()]
+    if blank:
+      raise UserInputError(f"--methods: pas_oracle_test chooses alpha on the held-out answers, "
+                           f"which subjects {blank[:5]} do not have; leave it out")
+  engine = settings = None
   if llm_methods:
     from palign_jax import engine as engine_lib  # imports JAX; baselines-only runs skip it
-    engine = engine_lib.Engine.load(config.model, dtype=config.dtype,
-                                    question_batch=int(config.scoring.question_batch))
-    identity["model"] = {"fingerprint": engine.fingerprint, "source": engine.source,
-                         "dtype": config.dtype}
-  results_store = store.ResultStore(output_dir, identity)
+    engine = engine_lib.Engine.from_config(config)
+    settings = alignment_lib.AlignSettings.from_config(
+        config, engine.config.num_layers * engine.config.num_heads)
+  results_store = store.ResultStore(output_dir, identity_of(config, engine))
   timing_start = time.perf_counter()
 
   baseline_methods = [m for m in methods if m not in methods_lib.LLM_METHODS]
@@ -107,43 +91,51 @@ def run(config, output_dir: str) -> dict:
     zero_shot_cache: dict = {}
     batch = max(1, int(config.subjects_per_batch))
     bar = tqdm(total=len(pending), desc="subjects", unit="subject", file=sys.stderr)
+    if any(m in methods_lib.SWEEP_METHODS for m in llm_methods):
+      bar.set_postfix_str("shared activations (once per model)")
+      engine.activations()
     for start in range(0, len(pending), batch):
       chunk = subjects.select(pending[start:start + batch])
       # A batch runs the methods any of its subjects still needs; finished pairs are skipped.
       needed = [m for m in llm_methods if any(not results_store.has(s, m) for s in chunk.ids)]
-      records = methods_lib.llm_records(
-          engine.score, engine.activations, chunk, needed, settings,
-          zero_shot_cache=zero_shot_cache, progress=lambda stage: bar.set_postfix_str(stage))
-      for record in records:
+      for record in methods_lib.llm_records(engine, chunk, needed, settings,
+                                            zero_shot_cache=zero_shot_cache,
+                                            progress=bar.set_postfix_str):
         if not results_store.has(record["subject"], record["method"]):
-          results_store.append(record)
+          results_store.append(record)  # at once: a kill never loses a finished record
       bar.update(len(chunk))
     bar.close()
-  return write_reports(results_store, methods, subjects, config, output_dir,
-                       time.perf_counter() - timing_start)
+  run_info = {"wall_time_s": time.perf_counter() - timing_start}
+  if engine is not None:
+    run_info.update(activations=engine.activation_stats,
+                    compiled_programs=scoring.compiled_programs())
+  return write_reports(results_store, methods, subjects, config, output_dir, run_info)
 
 
 def write_reports(results_store: store.ResultStore, methods: list[str], subjects: data.Subjects,
-                  config, output_dir: str, seconds: float) -> dict:
+                  config, output_dir: str, run_info: dict) -> dict:
   """results.json, results.md and plots, all computed from the stored records."""
   out = pathlib.Path(output_dir)
-  summaries, wall = methods_lib.summaries_from_records(
+  summaries, extras = methods_lib.summaries_from_records(
       results_store.records(), methods, subjects.ids, seed=int(config.seed))
   notes = {name: methods_lib.METHOD_NOTES.get(name.split(" ")[0], "") for name in summaries}
   results = {
       "model": results_store.identity.get("model"),
       "prompt_version": prompts.PROMPT_VERSION,
       "subjects": list(subjects.ids),
-      "methods": {name: s.as_dict() for name, s in summaries.items()},
-      "wall_time_s_per_subject": wall,
+      "methods": {name: dict(s.as_dict(), **extras[name]) for name, s in summaries.items()},
       "notes": notes,
+      "run": run_info,
   }
   store.write_json(out / "results.json", results)
-  table = report.markdown_table(summaries, notes=notes, wall_time_s=wall)
+  table = report.markdown_table(summaries, notes=notes, extras=extras)
   (out / "results.md").write_text(
       f"# PAPI evaluation\n\nModel: {results['model']}\nSubjects: {len(subjects)}\n"
-      f"Mean absolute error on the 180 held-out items (lower is better); 95% bootstrap CI "
-      f"over subjects; time = wall seconds per subject.\n\n{table}\n")
+      "Mean absolute error on the held-out items (lower is better); 95% bootstrap CI over "
+      "subjects; missing answers = held-out items the subjects left blank (not scored); letter "
+      "mass = probability the model gave to the five option letters before renormalisation "
+      "(mean over items and subjects / lowest item); s / subject = wall seconds of the work "
+      f"that produced the row.\n\n{table}\n")
   if config.plots and summaries:
     plots.plot_errors(summaries, out / "errors_by_trait.png")
     _plot_first_profile(results_store, methods, subjects, out / "profile_first_subject.png")
@@ -167,16 +159,15 @@ def _plot_first_profile(results_store, methods, subjects, path) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise UserInputError(f"unexpected arguments {argv[1:]}; see --help")
-  config = _resolved_config()
-  results = run(config, _OUTPUT_DIR.value)
-  out = pathlib.Path(_OUTPUT_DIR.value)
+  config = common.resolved_config(_CONFIG, model=_MODEL.value, subjects=_SUBJECTS.value,
+                                  methods=_METHODS.value)
+  output_dir = common.output_dir("evaluate")
+  run(config, output_dir)
+  out = pathlib.Path(output_dir)
   print((out / "results.md").read_text())
   print(f"Results: {out / 'results.json'}; table: {out / 'results.md'}; plots: "
         f"{', '.join(str(p) for p in sorted(out.glob('*.png')))}")
-  del results
 
 
 if __name__ == "__main__":
   common.run(main)
-
-

@@ -1,18 +1,23 @@
-"""The engine: a loaded model that speaks PAPI (system prompts and item numbers).
+"""The engine: a loaded model that speaks PAPI, with prompts turned into token ids once.
 
-Joins loading, prompts and batched scoring so the methods and launchers never
-handle token ids: `score(systems, items, steering)` gives option-letter
-log-probabilities for every (system prompt, item) pair, encoding each system
-prompt once (prefix sharing); `activations()` gives PAS's shared head outputs,
-cached on disk with orbax per model fingerprint and prompt version;
-`generate` answers open-ended prompts.
+Joins loading, prompts and batched scoring. The protocol hands it token-id contexts (one per
+subject, from `context_tokens`) and item indices; `score` returns option-letter
+log-probabilities for every (context, alpha) pair, with the steering tensor kept on the device.
+Every question turn begins with the same tokens (the chat template's user header and the
+question's opening words); they are moved to the end of each context, so they are encoded once
+per context rather than once per question: the token sequence, hence the result, is the same.
+`activations()` gives PAS's shared head outputs, cached on disk with orbax per model
+fingerprint and prompt version; `generate` answers open-ended prompts.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
+import time
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -21,23 +26,45 @@ from palign_jax.errors import UserInputError
 from palign_jax.models import loading
 
 ACTIVATION_LETTERS = ("A", "E")  # [:, 0] = answered "Very Accurate", [:, 1] = "Very Inaccurate"
+CPU_WORKING_SET = 2 * 2**30  # bytes a CPU prefix batch may use (more only hurts cache locality)
+
+
+def memory_budget(params_bytes: int) -> float:
+  """Bytes a scoring batch may use: half the accelerator's memory left after the parameters,
+  or `CPU_WORKING_SET` on a CPU (whose stats report no limit)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  if not limit:
+    return CPU_WORKING_SET
+  return max(0.5 * (limit - params_bytes), 2**28)
 
 
 class Engine:
-  """A model, its tokenizer and compiled scoring, addressed by prompts and item indices."""
+  """A model, its tokenizer and compiled scoring, addressed by token-id contexts and items."""
 
-  def __init__(self, model: loading.LoadedModel, *, question_batch: int = 64,
+  def __init__(self, model: loading.LoadedModel, *, question_batch: int, prefix_batch: int,
                cache_dir: str | pathlib.Path | None = None):
+    """prefix_batch: (context, alpha) pairs per compiled call; 0 sizes it to memory."""
+    if question_batch < 1 or prefix_batch < 0:
+      raise UserInputError(f"scoring.question_batch must be >= 1 and scoring.prefix_batch >= 0 "
+                           f"(0 = sized to memory), got {question_batch} and {prefix_batch}")
     self.model = model
     self.question_batch = question_batch
+    self.requested_prefix_batch = prefix_batch
     self.cache_dir = pathlib.Path(cache_dir) if cache_dir else loading.default_cache_dir()
     self.option_ids = prompts.option_token_ids(model.tokenizer)
-    self._suffixes: dict[int, list[int]] = {}
+    self._suffixes = self._all_question_suffixes()
+    self.question_head = _common_prefix(self._suffixes)
+    self._questions: dict[tuple[int, ...], scoring.QuestionBatches] = {}
     self._activations: np.ndarray | None = None
+    self.activation_stats: dict = {}  # seconds to get the activations, and whether cached
 
   @classmethod
-  def load(cls, spec: str | None, *, dtype: str = "float32", question_batch: int = 64) -> Engine:
-    return cls(loading.load_model(spec, dtype=dtype), question_batch=question_batch)
+  def from_config(cls, config) -> Engine:
+    """The engine a run config asks for (`model`, `dtype`, `scoring.*`)."""
+    return cls(loading.load_model(config.model, dtype=config.dtype),
+               question_batch=int(config.scoring.question_batch),
+               prefix_batch=int(config.scoring.prefix_batch))
 
   @property
   def fingerprint(self) -> str:
@@ -55,29 +82,57 @@ class Engine:
   def config(self):
     return self.model.config
 
-  def _question_suffixes(self, items: np.ndarray) -> list[list[int]]:
-    texts = data.load_items().text
-    for j in items:
-      j = int(j)
-      if j not in self._suffixes:
-        # The suffix (user turn + answer prefill) does not depend on the system prompt.
-        self._suffixes[j] = prompts.encode_question(
-            self.model.tokenizer, prompts.DEFAULT_SYSTEM_PROMPT, texts[j]).suffix
-    return [self._suffixes[int(j)] for j in items]
+  def _all_question_suffixes(self) -> list[list[int]]:
+    # The suffix (user turn + answer prefill) does not depend on the system prompt.
+    return [prompts.encode_question(self.model.tokenizer, prompts.DEFAULT_SYSTEM_PROMPT,
+                                    text).suffix for text in data.load_items().text]
 
-  def score(self, systems: Sequence[str], items: np.ndarray,
-            steering: np.ndarray | None = None) -> np.ndarray:
-    """Option log-probabilities `f32[len(systems), len(items), 5]` (A..E).
+  def context_tokens(self, system: str) -> np.ndarray:
+    """`int32[n]`: the system turn followed by the tokens every question turn begins with."""
+    return np.asarray(prompts.encode_system(self.model.tokenizer, system) + self.question_head,
+                      np.int32)
+
+  def question_tokens(self, items: np.ndarray) -> list[np.ndarray]:
+    """The rest of each item's question turn, ending where the answer letter comes next."""
+    head = len(self.question_head)
+    return [np.asarray(self._suffixes[int(j)][head:], np.int32) for j in items]
+
+  def questions(self, items: np.ndarray) -> scoring.QuestionBatches:
+    key = tuple(int(j) for j in items)
+    if key not in self._questions:
+      self._questions[key] = scoring.QuestionBatches.build(self.question_tokens(items),
+                                                           self.question_batch)
+    return self._questions[key]
+
+  def prefix_batch(self, context_length: int) -> int:
+    """The configured prefix batch, or (0) the largest that fits the memory budget."""
+    if self.requested_prefix_batch:
+      return self.requested_prefix_batch
+    params_bytes = sum(x.nbytes for x in jax.tree.leaves(self.model.params))
+    item_lengths = [len(s) - len(self.question_head) for s in self._suffixes]
+    dtype_bytes = np.dtype(self.params_dtype).itemsize
+    return scoring.auto_prefix_batch(
+        self.config, scoring.bucket_length(context_length), self.question_batch,
+        scoring.bucket_length(max(item_lengths)), memory_budget(params_bytes), dtype_bytes)
+
+  def score(self, contexts: Sequence[np.ndarray], items: np.ndarray, *,
+            steering: jax.Array | None = None, pairs: np.ndarray | None = None) -> np.ndarray:
+    """Option log-probabilities `f32[N, len(items), 5]` (letters A..E, full vocabulary).
 
     Args:
-      systems: one system prompt per row (each encoded once as a shared prefix).
-      items: 0-based item indices asked after every system prompt.
-      steering: None or `f32[len(systems), layers, heads, head_dim]`, one per row.
+      contexts: token ids from `context_tokens`, one per subject (or system prompt).
+      items: 0-based item indices asked after every context.
+      steering: None or `f32[len(contexts), alphas, layers, heads, head_dim]` on the device.
+      pairs: `int[N, 2]` (context, alpha) rows; default all of them (see `scoring`).
     """
-    prefixes = [prompts.encode_system(self.model.tokenizer, s) for s in systems]
-    return scoring.score_prefix_shared(
-        self.model.params, self.model.config, prefixes, self._question_suffixes(items),
-        self.option_ids, steering=steering, question_batch=self.question_batch)
+    return scoring.score_contexts(
+        self.model.params, self.model.config, contexts, self.questions(items), self.option_ids,
+        steering=steering, pairs=pairs, question_batch=self.question_batch,
+        prefix_batch=self.prefix_batch(max(map(len, contexts))))
+
+  def score_systems(self, systems: Sequence[str], items: np.ndarray) -> np.ndarray:
+    """Unsteered option log-probabilities `f32[len(systems), len(items), 5]`."""
+    return self.score([self.context_tokens(s) for s in systems], items)
 
   def _activations_path(self) -> pathlib.Path:
     return (self.cache_dir / "activations"
@@ -89,12 +144,15 @@ class Engine:
     One run per model over the 120 known items, shared by all subjects; cached on disk.
     """
     if self._activations is None:
+      start = time.perf_counter()
       path = self._activations_path()
       cached = load_activations(path, self.fingerprint) if path.exists() else None
+      self.activation_stats = {"from_cache": cached is not None}
       if cached is None:
         cached = self._compute_activations()
         save_activations(path, cached, self.fingerprint)
       self._activations = cached
+      self.activation_stats["seconds"] = time.perf_counter() - start
     return self._activations
 
   def _compute_activations(self) -> np.ndarray:
@@ -141,3 +199,9 @@ def load_activations(path: pathlib.Path, fingerprint: str) -> np.ndarray:
   if not np.isfinite(activations).all():
     raise UserInputError(f"{path}: activation cache holds NaN or inf; delete it to recompute")
   return activations
+
+
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
+  """The longest token prefix shared by every sequence, leaving each at least one token."""
+  head = list(os.path.commonprefix([list(s) for s in sequences]))
+  return head[:min(len(s) for s in sequences) - 1]

@@ -38,9 +38,7 @@ Options:
 
 # The assistant's answer begins with this; the next token is the option letter.
 ANSWER_PREFILL = "Option ("
-OPTION_LETTERS = ("A", "B", "C", "D", "E")
-# Option letter index 0..4 -> answer value 5..1.
-LETTER_VALUES = np.array([5, 4, 3, 2, 1])
+OPTION_LETTERS = ("A", "B", "C", "D", "E")  # "Very Accurate" (5) ... "Very Inaccurate" (1)
 
 FEW_SHOT_INTRO = "Here are some of your behaviors and your level of recognition towards them;"
 
@@ -153,22 +151,3 @@ def option_token_ids(tokenizer, prefill: str = ANSWER_PREFILL) -> np.ndarray:
                            "single token; the answer cannot be read from the next token")
     ids.append(extended[-1])
   return np.array(ids, np.int32)
-
-
-def letter_probabilities_to_answers(log_probs: np.ndarray, decoding: str = "argmax") -> np.ndarray:
-  """Turns `[..., 5]` log-probabilities over A..E into answers 1..5.
-
-  decoding="argmax": the most likely letter (the paper's answer).
-  decoding="median": the median of the distribution over answer values, the
-  prediction that minimises the expected absolute error.
-  """
-  log_probs = np.asarray(log_probs, np.float64)
-  if decoding == "argmax":
-    return LETTER_VALUES[np.argmax(log_probs, axis=-1)]
-  if decoding == "median":
-    probs = np.exp(log_probs - log_probs.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    by_value = probs[..., ::-1]  # values 1..5
-    cdf = np.cumsum(by_value, axis=-1)
-    return np.argmax(cdf >= 0.5, axis=-1) + 1
-  raise ValueError(f"unknown decoding {decoding!r}; use 'argmax' or 'median'")

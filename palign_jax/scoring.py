@@ -1,19 +1,23 @@
-"""Batched inference on token ids: prefix-shared answer scoring, activation capture, generation.
+"""Batched inference on token ids: context-shared answer scoring, head capture, generation.
 
-Owns the hot path of PAS evaluation. A subject's context (a chat-formatted system prompt with
-their ~120 answers, ~1,500 tokens) is followed by ~180 short question turns, each ending where
-the answer letter would be generated. `score_prefix_shared` encodes each context once into a
-key/value cache and scores every question against it in fixed-size batches, reading the
-log-probabilities of the option-letter tokens (log-softmax over those ids only). Steering applies
-to the context too, so every (subject, alpha) gets its own cache.
+Owns the hot path of PAS. A subject's context (a chat-formatted system prompt with their ~120
+answers, ~1,400 tokens) is followed by short question turns, each ending where the answer
+letter is generated. `score_contexts` encodes a batch of (context, steering) pairs at once into
+one key/value cache and scores every question against each of them, reading the
+log-probabilities of the option-letter tokens under the full vocabulary. Steering applies to
+the context too, so every (subject, alpha) pair gets its own cache; the steering tensor
+`[contexts, alphas, layers, heads, head_dim]` stays on the device and the batch's rows are
+gathered there.
 
-Shapes are bucketed (`bucket_length`) and batches padded to fixed sizes, so a run compiles a
+Shapes are bucketed (`bucket_length`; pairs are sorted by context length and questions by
+length so that each batch pads little) and batches padded to fixed sizes, so a run compiles a
 handful of programs; padding never changes a result (padded keys are masked, padded rows are
 dropped). Token ids only: prompt text and tokenization live elsewhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -123,7 +127,8 @@ def score_on_prefixes(params: Params, config: ModelConfig, cache: KVCache,
   cache: from `encode_prefixes` ([layers, P, S, ...]); prefix_lengths int32[P];
   tokens int32[Q, T] and lengths int32[Q], shared by every prefix; option_ids int32[O];
   steering [P, layers, heads, head_dim] or None
-  -> f32[P, Q, O]: log-softmax over the option ids of the next-token logits.
+  -> f32[P, Q, O]: log-probabilities of the option ids under the full next-token
+  distribution (their total is the probability the model gives to any option).
   """
 
   def one(keys, values, mask, prefix_length, tokens, lengths, steering):
@@ -132,9 +137,8 @@ def score_on_prefixes(params: Params, config: ModelConfig, cache: KVCache,
     out = forward(params, config, tokens, positions,
                   attention_mask=jnp.arange(T)[None] < lengths[:, None],
                   kv_cache=KVCache(keys[:, None], values[:, None], mask[None]),
-                  steering=steering, logits_positions=(lengths - 1)[:, None],
-                  vocab_subset=option_ids)
-    return jax.nn.log_softmax(out.logits[:, 0], axis=-1)
+                  steering=steering, logits_positions=(lengths - 1)[:, None])
+    return jnp.take(jax.nn.log_softmax(out.logits[:, 0], axis=-1), option_ids, axis=-1)
 
   return jax.vmap(one, in_axes=(1, 1, 0, 0, None, None, None if steering is None else 0))(
       cache.keys, cache.values, cache.mask, prefix_lengths, tokens, lengths, steering)
@@ -143,15 +147,15 @@ def score_on_prefixes(params: Params, config: ModelConfig, cache: KVCache,
 @functools.partial(jax.jit, static_argnames=("config",))
 def score_sequences(params: Params, config: ModelConfig, tokens: jax.Array, lengths: jax.Array,
                     option_ids: jax.Array, steering: jax.Array | None = None) -> jax.Array:
-  """Full forward of right-padded prompts int32[B, T] -> f32[B, O] option log-softmax.
+  """Full forward of right-padded prompts int32[B, T] -> f32[B, O] option log-probabilities
+  under the full next-token distribution.
 
   steering: [layers, heads, head_dim], [B, layers, heads, head_dim] or None.
   """
   out = forward(params, config, tokens, None,
                 attention_mask=jnp.arange(tokens.shape[1])[None] < lengths[:, None],
-                steering=steering, logits_positions=(lengths - 1)[:, None],
-                vocab_subset=option_ids)
-  return jax.nn.log_softmax(out.logits[:, 0], axis=-1)
+                steering=steering, logits_positions=(lengths - 1)[:, None])
+  return jnp.take(jax.nn.log_softmax(out.logits[:, 0], axis=-1), option_ids, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -166,55 +170,133 @@ def capture_last_token(params: Params, config: ModelConfig, tokens: jax.Array,
 
 # --- drivers ----------------------------------------------------------------------------------
 
-def score_prefix_shared(params: Params, config: ModelConfig, prefixes: Sequence,
-                        questions: Sequence, option_ids, *, steering=None,
-                        question_batch: int = 32, prefix_batch: int = 1) -> np.ndarray:
-  """Option log-probabilities of every question after every prefix, encoding each prefix once.
+@dataclasses.dataclass(frozen=True)
+class QuestionBatches:
+  """Questions sorted by length and cut into fixed-size, length-bucketed batches.
 
-  prefixes: S token-id sequences (one per subject; ragged lengths are fine).
-  questions: Q token-id sequences, shared by all subjects, each ending where the answer token
-    is generated (the prompt is prefix + question, concatenated).
-  option_ids: O token ids (e.g. the letters A..E).
-  steering: None, [S, layers, heads, head_dim] or [S, A, layers, heads, head_dim] (A alphas;
-    each (subject, alpha) re-encodes its prefix, since steering acts on the prefix too).
-  question_batch: questions per batch; prefix_batch: (subject, alpha) prefixes per batch.
-  -> f32[S, Q, O] (or [S, A, Q, O]) log-softmax over the option ids.
+  Built once per question set and reused for every batch of contexts.
   """
-  prefixes = _check_sequences(prefixes, config, "prefixes")
-  questions = _check_sequences(questions, config, "questions")
+
+  tokens: tuple[jax.Array, ...]  # each int32[question_batch, bucket]
+  lengths: tuple[jax.Array, ...]  # each int32[question_batch] (padding rows: 1)
+  order: np.ndarray  # int[Q]: question index of each row, batches concatenated
+
+  @classmethod
+  def build(cls, questions: Sequence[np.ndarray], question_batch: int) -> QuestionBatches:
+    order = np.argsort([len(q) for q in questions], kind="stable")
+    tokens, lengths = [], []
+    for start in range(0, len(order), question_batch):
+      chunk = [questions[i] for i in order[start:start + question_batch]]
+      t, n = _pad(chunk, bucket_length(max(map(len, chunk))), question_batch)
+      tokens.append(jnp.asarray(t))
+      lengths.append(jnp.asarray(n))
+    return cls(tuple(tokens), tuple(lengths), order)
+
+
+def _batch_rows(count: int, prefix_batch: int) -> list[int]:
+  """Rows of each prefix batch: full batches, then the remainder rounded up to a power of
+  two (at most log2(prefix_batch) extra program shapes instead of one per remainder)."""
+  sizes = [prefix_batch] * (count // prefix_batch)
+  if count % prefix_batch:
+    sizes.append(min(prefix_batch, 1 << (count % prefix_batch - 1).bit_length()))
+  return sizes
+
+
+def score_contexts(params: Params, config: ModelConfig, contexts: Sequence,
+                   questions: Sequence | QuestionBatches, option_ids, *,
+                   steering: jax.Array | None = None, pairs=None, question_batch: int,
+                   prefix_batch: int) -> np.ndarray:
+  """Option log-probabilities of every question after every (context, steering) pair.
+
+  Args:
+    contexts: C token-id sequences, e.g. one per subject (ragged lengths are fine), each
+      tokenised once whatever the number of alphas.
+    questions: Q token-id sequences shared by all contexts, each ending where the answer
+      token is generated (the prompt is context + question), or prebuilt `QuestionBatches`.
+    option_ids: O token ids (e.g. the letters A..E).
+    steering: None, or `[C, A, layers, heads, head_dim]` on the device (A alphas; row
+      `[c, a]` steers context c at alpha a); never copied to the host.
+    pairs: `int[N, 2]` (context index, alpha index) rows to score; default every
+      (c, a) in that order (every c, with alpha index 0, when steering is None).
+    question_batch: questions per compiled call.
+    prefix_batch: (context, alpha) pairs encoded and scored together per compiled call.
+  Returns:
+    `f32[N, Q, O]`: log-probabilities of the options under the full next-token distribution.
+  """
+  contexts = _check_sequences(contexts, config, "contexts")
+  if not isinstance(questions, QuestionBatches):
+    questions = QuestionBatches.build(_check_sequences(questions, config, "questions"),
+                                      question_batch)
   option_ids = _option_ids(option_ids, config)
-  n_subjects, n_questions = len(prefixes), len(questions)
-  lead: tuple[int, ...] = (n_subjects,)
+  n_alphas = 1
   if steering is not None:
-    _check_steering(steering, config, [(n_subjects,), (n_subjects, None)], "score_prefix_shared")
-    lead = tuple(np.shape(steering)[:-3])
-    steering = jnp.reshape(jnp.asarray(steering), (-1,) + tuple(np.shape(steering)[-3:]))
-  n_alphas = int(np.prod(lead[1:], dtype=int))
-  items = [s for s in range(n_subjects) for _ in range(n_alphas)]  # (subject, alpha) order
+    _check_steering(steering, config, [(len(contexts), None)], "score_contexts")
+    n_alphas = steering.shape[1]
+  if pairs is None:
+    pairs = np.stack(np.meshgrid(np.arange(len(contexts)), np.arange(n_alphas),
+                                 indexing="ij"), -1).reshape(-1, 2)
+  pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+  if len(pairs) == 0:
+    return np.zeros((0, len(questions.order), len(option_ids)), np.float32)
+  if ((pairs[:, 0] < 0) | (pairs[:, 0] >= len(contexts)) | (pairs[:, 1] < 0)
+      | (pairs[:, 1] >= n_alphas)).any():
+    raise UserInputError(f"score_contexts: pairs must index {len(contexts)} contexts and "
+                         f"{n_alphas} alphas")
+  if prefix_batch < 1 or question_batch < 1:
+    raise UserInputError(f"score_contexts: prefix_batch ({prefix_batch}) and question_batch "
+                         f"({question_batch}) must be >= 1")
 
-  q_len = bucket_length(max(map(len, questions)))
-  q_batches = []
-  for start in range(0, n_questions, question_batch):
-    tokens, lengths = _pad(questions[start:start + question_batch], q_len, question_batch)
-    q_batches.append((jnp.asarray(tokens), jnp.asarray(lengths)))
-
-  results = []
-  for start in range(0, len(items), prefix_batch):
-    group = items[start:start + prefix_batch]
-    group_prefixes = [prefixes[s] for s in group]
-    tokens, lengths = _pad(group_prefixes, bucket_length(max(map(len, group_prefixes))),
-                           prefix_batch)
+  # Pairs sorted by context length, so each batch pads its contexts to a close bucket.
+  by_length = np.argsort([len(contexts[c]) for c, _ in pairs], kind="stable")
+  scores, start = [], 0
+  for rows in _batch_rows(len(pairs), prefix_batch):
+    chosen = by_length[start:start + rows]
+    start += rows
+    group = pairs[np.concatenate([chosen, np.repeat(chosen[-1:], rows - len(chosen))])]
+    group_contexts = [contexts[c] for c in group[:, 0]]
+    tokens, lengths = _pad(group_contexts, bucket_length(max(map(len, group_contexts))))
     lengths = jnp.asarray(lengths)
-    group_steering = None
-    if steering is not None:
-      index = np.arange(start, start + prefix_batch).clip(max=len(items) - 1)
-      group_steering = steering[index]
-    cache = encode_prefixes(params, config, jnp.asarray(tokens), lengths, group_steering)
-    scores = [score_on_prefixes(params, config, cache, lengths, q_tokens, q_lengths, option_ids,
-                                group_steering) for q_tokens, q_lengths in q_batches]
-    results.append(jnp.concatenate(scores, axis=1)[:len(group), :n_questions])
-  out = np.asarray(jnp.concatenate(results, axis=0))
-  return out.reshape(lead + (n_questions, out.shape[-1]))
+    rows_steering = None
+    if steering is not None:  # gathered on the device
+      rows_steering = steering[jnp.asarray(group[:, 0]), jnp.asarray(group[:, 1])]
+    cache = encode_prefixes(params, config, jnp.asarray(tokens), lengths, rows_steering)
+    batches = [score_on_prefixes(params, config, cache, lengths, q_tokens, q_lengths,
+                                 option_ids, rows_steering)
+               for q_tokens, q_lengths in zip(questions.tokens, questions.lengths, strict=True)]
+    scores.append((chosen, jnp.concatenate(batches, axis=1)))
+  out = np.empty((len(pairs), len(questions.order), len(option_ids)), np.float32)
+  for chosen, batch_scores in scores:  # one transfer per batch, after everything is queued
+    batch_scores = np.asarray(batch_scores)[:len(chosen)]
+    out[chosen[:, None], questions.order[None, :]] = batch_scores[:, :len(questions.order)]
+  return out
+
+
+def compiled_programs() -> dict[str, int]:
+  """How many programs each scoring kernel has compiled in this process (shapes seen)."""
+  kernels = {"encode_prefixes": encode_prefixes, "score_on_prefixes": score_on_prefixes,
+             "score_sequences": score_sequences, "capture_last_token": capture_last_token}
+  return {name: kernel._cache_size() for name, kernel in kernels.items()}
+
+
+def auto_prefix_batch(config: ModelConfig, context_length: int, question_batch: int,
+                      question_length: int, budget_bytes: float, dtype_bytes: int = 4,
+                      cap: int = 64) -> int:
+  """The most (context, alpha) pairs per call (a power of two, 1..cap) whose working set fits
+  in `budget_bytes`: each pair's key/value cache, plus the largest per-layer temporaries
+  (attention scores in float32 while encoding the context and while scoring a question batch,
+  and the MLP activations of a question batch), which exist for one layer at a time.
+  """
+  c = config
+  cache = 2 * c.num_layers * context_length * c.num_kv_heads * c.head_dim * dtype_bytes
+  query_rows = question_batch * question_length
+  scores = 4 * c.num_heads * max(context_length * context_length,
+                                 query_rows * (context_length + question_length))
+  mlp = query_rows * (2 * c.intermediate_size + 4 * c.hidden_size) * max(dtype_bytes, 4)
+  per_pair = cache + scores + mlp
+  batch = 1
+  while batch * 2 <= cap and batch * 2 * per_pair <= budget_bytes:
+    batch *= 2
+  return batch
 
 
 def score_full_prompts(params: Params, config: ModelConfig, prompts: Sequence, option_ids, *,

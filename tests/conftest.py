@@ -57,7 +57,28 @@ def tiny_model_dir(tmp_path_factory):
   return folder
 
 
+def tiny_run_config(model_dir, **overrides):
+  """configs/default.py sized for the tiny model: 2 subjects, 2 alphas, 2 folds, 6 heads."""
+  from configs import default
+  config = default.get_config()
+  config.model = str(model_dir)
+  config.subjects = "0:2"
+  config.subjects_per_batch = 2
+  config.pas.top_k = 6
+  config.pas.alphas = (0.0, 4.0)
+  config.pas.folds = 2
+  config.scoring.question_batch = 32
+  config.scoring.prefix_batch = 2
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir):
   from palign_jax import engine
-  return engine.Engine.load(str(tiny_model_dir), question_batch=32)
+  return engine.Engine.from_config(tiny_run_config(tiny_model_dir))

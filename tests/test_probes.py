@@ -1,4 +1,4 @@
-"""Vmapped logistic probes against scikit-learn, and top-K head selection."""
+"""Vmapped logistic probes against scikit-learn."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from palign_jax.errors import UserInputError
 from palign_jax.pas import labels, probes
 
 ITEMS, LAYERS, HEADS, DIM, SUBJECTS = 60, 2, 3, 16, 5
@@ -121,27 +120,3 @@ def test_subject_without_training_vectors_gives_zero_probe(problem):
 def test_score_is_mean_of_train_and_val_accuracy(fitted):
   np.testing.assert_allclose(fitted.score,
                              (fitted.train_accuracy + fitted.val_accuracy) / 2)
-
-
-def test_select_top_heads_int_and_ties():
-  scores = jnp.array([
-      [[0.5, 0.9, 0.1], [0.7, 0.2, 0.8]],
-      [[0.6, 0.6, 0.6], [0.6, 0.9, 0.6]],  # ties go to the earlier (layer, head)
-  ])
-  mask = np.asarray(probes.select_top_heads(scores, 3))
-  np.testing.assert_array_equal(mask[0], [[0, 1, 0], [1, 0, 1]])
-  np.testing.assert_array_equal(mask[1], [[1, 1, 0], [0, 1, 0]])
-  assert mask.sum(axis=(1, 2)).tolist() == [3, 3]
-
-
-@pytest.mark.parametrize("top_k, total, want", [
-    (24, 270, 24), (1, 6, 1), (6, 6, 6), (0.1, 270, 27), (1.0, 270, 270), (0.001, 270, 1),
-])
-def test_resolve_top_k(top_k, total, want):
-  assert probes.resolve_top_k(top_k, total) == want
-
-
-@pytest.mark.parametrize("top_k", [0, 271, -3, 0.0, 1.5, True, "24"])
-def test_resolve_top_k_rejects(top_k):
-  with pytest.raises(UserInputError, match="top_k"):
-    probes.resolve_top_k(top_k, 270)

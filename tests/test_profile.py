@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from palign_jax.errors import UserInputError
-from palign_jax.pas import profile as profile_lib
+from palign_jax.protocol import profile as profile_lib
 
 
 def make_profile():

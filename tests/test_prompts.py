@@ -48,22 +48,6 @@ def test_few_shot_prompt_wording_skips_missing():
   assert text.count(";") == 119  # intro's ';' + 118 separators between 119 answered items
 
 
-def test_decoding_argmax_and_median():
-  probs = np.array([[0.1, 0.2, 0.15, 0.05, 0.5],  # A..E; E most likely, median value 1
-                    [0.3, 0.0, 0.0, 0.0, 0.7],
-                    [0.2, 0.2, 0.2, 0.2, 0.2]])
-  log_probs = np.log(np.maximum(probs, 1e-12))
-  np.testing.assert_array_equal(prompts.letter_probabilities_to_answers(log_probs), [1, 1, 5])
-  # Median of the value distribution (values 1..5 = letters E..A), by a float64 reference.
-  expected = []
-  for row in probs:
-    by_value = row[::-1]
-    expected.append(int(np.searchsorted(np.cumsum(by_value), 0.5) + 1))
-  np.testing.assert_array_equal(
-      prompts.letter_probabilities_to_answers(log_probs, "median"), expected)
-  assert expected == [1, 1, 3]
-
-
 def test_template_missing_is_a_clear_error(tokenizer):
   import copy
   bare = copy.deepcopy(tokenizer)

@@ -8,6 +8,7 @@ is involved. Float32; tolerance 1e-5 relative unless stated.
 import contextlib
 import functools
 
+import jax
 import numpy as np
 import pytest
 
@@ -41,8 +42,10 @@ def data(seed=0):
 
 
 def torch_scores(model, prompt):
-  logits = torch_logits(model, prompt[None])[0, -1, OPTIONS].astype(np.float64)
-  return logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
+  """Log-probabilities of the options under the full next-token distribution (float64)."""
+  logits = torch_logits(model, prompt[None])[0, -1].astype(np.float64)
+  top = logits.max()
+  return logits[OPTIONS] - top - np.log(np.sum(np.exp(logits - top)))
 
 
 def steering_for(config, lead, seed):
@@ -57,61 +60,86 @@ def test_bucket_length():
     assert n <= scoring.bucket_length(n) <= max(n + 7, n * 1.125)
 
 
-def test_prefix_shared_equals_full_prompts_in_torch():
+def score(params, config, prefixes, questions, **kwargs):
+  kwargs = {"question_batch": QB, "prefix_batch": PB, **kwargs}
+  return scoring.score_contexts(params, config, prefixes, questions, OPTIONS, **kwargs)
+
+
+def test_context_shared_scores_equal_full_prompts_in_torch():
   model, config, params = build(MODEL)
   prefixes, questions = data()
-  got = scoring.score_prefix_shared(params, config, prefixes, questions, OPTIONS,
-                                    question_batch=QB, prefix_batch=PB)
+  got = score(params, config, prefixes, questions)
   assert got.shape == (3, 7, 5)
   ref = np.array([[torch_scores(model, np.concatenate([p, q])) for q in questions]
                   for p in prefixes])
   assert_close(got, ref)
+  # Log-probabilities under the full vocabulary: the letters' total mass is below 1.
+  assert (np.exp(got).sum(-1) < 1).all()
   # The baseline (one full forward per prompt) agrees too.
   full = scoring.score_full_prompts(params, config, [np.concatenate([prefixes[1], q])
                                                      for q in questions], OPTIONS, batch_size=QB)
   assert_close(full, ref[1])
 
 
+@pytest.mark.parametrize("prefix_batch", [1, 3, 4, 8])
+def test_any_prefix_batch_gives_the_same_scores(prefix_batch):
+  _, config, params = build(MODEL)
+  prefixes, questions = data()
+  steering = jax.numpy.asarray(steering_for(config, (3, 2), seed=2))
+  base = score(params, config, prefixes, questions, steering=steering)
+  out = score(params, config, prefixes, questions, steering=steering, prefix_batch=prefix_batch)
+  np.testing.assert_allclose(out, base, rtol=1e-5, atol=1e-6)
+
+
 def test_scores_independent_of_padding_batching_and_order():
   _, config, params = build(MODEL)
   prefixes, questions = data()
-  base = scoring.score_prefix_shared(params, config, prefixes, questions, OPTIONS,
-                                     question_batch=QB, prefix_batch=PB)
+  base = score(params, config, prefixes, questions)
   # One question per batch (an unshared cache path), all prefixes in one padded batch.
-  out = scoring.score_prefix_shared(params, config, prefixes, questions, OPTIONS,
-                                    question_batch=1, prefix_batch=4)
+  out = score(params, config, prefixes, questions, question_batch=1, prefix_batch=4)
   np.testing.assert_allclose(out, base, rtol=1e-5, atol=1e-6)
   order = np.random.default_rng(1).permutation(len(questions))
-  shuffled = scoring.score_prefix_shared(params, config, prefixes[::-1],
-                                         [questions[i] for i in order], OPTIONS,
-                                         question_batch=QB, prefix_batch=PB)
+  shuffled = score(params, config, prefixes[::-1], [questions[i] for i in order])
   np.testing.assert_allclose(shuffled, base[::-1][:, order], rtol=1e-5, atol=1e-6)
-  # Longer question padding (another bucket) changes nothing either.
-  longer = scoring.score_prefix_shared(params, config, prefixes, questions + [np.ones(20, int)],
-                                       OPTIONS, question_batch=QB, prefix_batch=PB)
+  # A longer question (another length bucket) changes nothing either.
+  longer = score(params, config, prefixes, questions + [np.ones(20, int)])
   np.testing.assert_allclose(longer[:, :-1], base, rtol=1e-5, atol=1e-6)
+  # Prebuilt question batches are the same as raw questions.
+  built = scoring.QuestionBatches.build(questions, QB)
+  np.testing.assert_array_equal(score(params, config, prefixes, built), base)
 
 
-def test_steered_scoring_per_subject_and_alpha():
+def test_steered_scoring_per_context_and_alpha():
   model, config, params = build(MODEL)
   prefixes, questions = data()
   steering = steering_for(config, (3, 2), seed=2)
   steering[:, 0] = 0.0  # alpha 0 must equal the unsteered scores
-  got = scoring.score_prefix_shared(params, config, prefixes, questions, OPTIONS,
-                                    steering=steering, question_batch=QB, prefix_batch=PB)
-  assert got.shape == (3, 2, 7, 5)
-  plain = scoring.score_prefix_shared(params, config, prefixes, questions, OPTIONS,
-                                      question_batch=QB, prefix_batch=PB)
+  on_device = jax.numpy.asarray(steering)
+  got = score(params, config, prefixes, questions, steering=on_device)
+  assert got.shape == (6, 7, 5)  # (context, alpha) pairs in order
+  got = got.reshape(3, 2, 7, 5)
+  plain = score(params, config, prefixes, questions)
   np.testing.assert_allclose(got[:, 0], plain, rtol=1e-5, atol=1e-6)
   for s in (0, 2):
     with o_proj_bias(model, steering[s, 1]):
       ref = [torch_scores(model, np.concatenate([prefixes[s], q])) for q in questions]
     assert_close(got[s, 1], np.array(ref))
   assert np.abs(got[:, 1] - got[:, 0]).max() > 1e-3
-  per_subject = scoring.score_prefix_shared(params, config, prefixes, questions, OPTIONS,
-                                            steering=steering[:, 1], question_batch=QB,
-                                            prefix_batch=PB)
-  np.testing.assert_allclose(per_subject, got[:, 1], rtol=1e-5, atol=1e-6)
+  # Any subset of pairs, in any order, gives the same rows.
+  pairs = np.array([[2, 1], [0, 0], [1, 1]])
+  subset = score(params, config, prefixes, questions, steering=on_device, pairs=pairs)
+  np.testing.assert_allclose(subset, got[pairs[:, 0], pairs[:, 1]], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_rows_and_memory_sizing():
+  assert scoring._batch_rows(10, 4) == [4, 4, 2]
+  assert scoring._batch_rows(7, 4) == [4, 4]
+  assert scoring._batch_rows(3, 8) == [4]
+  assert scoring._batch_rows(1, 8) == [1]
+  _, config, _ = build(MODEL)
+  small = scoring.auto_prefix_batch(config, 1536, 20, 88, budget_bytes=1e6)
+  large = scoring.auto_prefix_batch(config, 1536, 20, 88, budget_bytes=1e9)
+  assert small == 1 and large > small and large & (large - 1) == 0 and large <= 64
 
 
 def test_capture_head_outputs_at_last_token():
@@ -189,10 +217,11 @@ def test_bad_inputs_raise_user_errors():
   _, config, params = build(MODEL)
   prefixes, questions = data()
   with pytest.raises(UserInputError, match=r"questions\[1\].*outside the vocabulary"):
-    scoring.score_prefix_shared(params, config, prefixes, [questions[0], np.array([999])],
-                                OPTIONS)
+    score(params, config, prefixes, [questions[0], np.array([999])])
   with pytest.raises(UserInputError, match="steering has shape"):
-    scoring.score_prefix_shared(params, config, prefixes, questions, OPTIONS,
-                                steering=np.zeros((2, config.num_layers, 1, 1)))
+    score(params, config, prefixes, questions,
+          steering=np.zeros((2, 1, config.num_layers, 1, 1)))
+  with pytest.raises(UserInputError, match="pairs must index"):
+    score(params, config, prefixes, questions, pairs=np.array([[3, 0]]))
   with pytest.raises(UserInputError, match=r"prompts\[0\]"):
     scoring.generate(params, config, [np.array([], np.int32)], 3)

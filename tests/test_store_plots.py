@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from palign_jax import data
+from palign_jax import data, store
 from palign_jax.errors import UserInputError
-from palign_jax.evaluation import metrics, plots, store
+from palign_jax.evaluation import metrics, plots
 
 
 def test_round_trip_and_resume(tmp_path):
@@ -47,7 +47,7 @@ def test_partial_last_line_is_dropped_not_corrupting(tmp_path):
 def test_kill_9_between_and_during_writes(tmp_path):
   # A child appends records forever; we SIGKILL it at an arbitrary moment, then reopen.
   script = textwrap.dedent(f"""
-      from palign_jax.evaluation import store
+      from palign_jax import store
       s = store.ResultStore({str(tmp_path)!r}, {{"v": 1}})
       for i in range(10**9):
         s.append({{"subject": str(i), "method": "m", "payload": "x" * 5000}})

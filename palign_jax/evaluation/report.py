@@ -19,16 +19,25 @@ def summary_json(summaries: dict[str, Summary]) -> dict[str, dict[str, float]]:
 
 
 def markdown_table(summaries: dict[str, Summary], *, notes: dict[str, str] | None = None,
-                   wall_time_s: dict[str, float] | None = None) -> str:
-  """A markdown table: per-trait error, sum with its 95% CI, counts, wall time."""
-  notes, wall_time_s = notes or {}, wall_time_s or {}
-  header = ["method"] + COLUMNS + ["sum 95% CI", "subjects", "unparsable", "time (s)", "notes"]
+                   extras: dict[str, dict] | None = None) -> str:
+  """A markdown table: per-trait error, sum with its 95% CI, counts, letter mass, seconds.
+
+  extras: row -> {"seconds_per_subject", "letter_mass_mean", "letter_mass_min"} (see
+  `methods.summaries_from_records`).
+  """
+  notes, extras = notes or {}, extras or {}
+  header = ["method"] + COLUMNS + ["sum 95% CI", "subjects", "missing answers", "unparsable",
+                                   "letter mass (mean / min)", "s / subject", "notes"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for method, s in summaries.items():
-    seconds = wall_time_s.get(method)
+    extra = extras.get(method, {})
+    seconds = extra.get("seconds_per_subject")
+    mass = ("-" if extra.get("letter_mass_mean") is None else
+            f"{extra['letter_mass_mean']:.3f} / {extra['letter_mass_min']:.3f}")
     row = ([method] + [_fmt(s.mean[k]) for k in COLUMNS]
            + [f"{_fmt(s.ci_low['sum'])}–{_fmt(s.ci_high['sum'])}", str(s.n_subjects),
-              str(s.n_unparsable), "" if seconds is None else f"{seconds:.1f}",
+              str(s.n_missing_answers), str(s.n_unparsable), mass,
+              "" if seconds is None or math.isnan(seconds) else f"{seconds:.1f}",
               notes.get(method, "")])
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)

@@ -1,9 +1,9 @@
-"""Per-head logistic probes for every subject at once, and top-K head selection.
+"""Per-head logistic probes for every subject at once.
 
 One L2-regularised logistic regression per (subject, layer, head), the objective of
 scikit-learn's `LogisticRegression(C=C)`: `0.5 * ||w||^2 + C * sum(logloss)`, intercept
 unpenalised. A head's score is the mean of its training and validation accuracy (the
-reference's ranking), and the top K heads are kept.
+reference's ranking); `heads` keeps the best ones.
 
 Solver: L-BFGS (memory 10, as scikit-learn's lbfgs), preconditioned, with a Newton
 line search, written for this layout rather than taken from optax. All subjects share
@@ -32,13 +32,10 @@ shifted back afterwards.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-from palign_jax.errors import input_error
 
 _MEMORY = 10  # L-BFGS history, scikit-learn's (scipy's) default
 _CURVATURE_GUESS = 0.075  # see _preconditioner
@@ -248,31 +245,3 @@ def fit_probes(vectors: jax.Array, labels: jax.Array, train: jax.Array, val: jax
   return ProbeFit(coef=to_subjects(coef), intercept=to_subjects(intercept),
                   train_accuracy=to_subjects(acc_train), val_accuracy=to_subjects(acc_val),
                   converged=to_subjects(done), iterations=to_subjects(steps))
-
-
-def resolve_top_k(top_k: int | float, num_heads_total: int, *, source: str = "top_k") -> int:
-  """The number of heads to keep: an int K, or a fraction in (0, 1] of all heads (rounded,
-  at least 1)."""
-  if isinstance(top_k, bool) or not isinstance(top_k, numbers.Real):
-    raise input_error(source, "value", f"expected an int or a fraction, got {top_k!r}")
-  if isinstance(top_k, numbers.Integral):
-    if not 1 <= top_k <= num_heads_total:
-      raise input_error(source, "value",
-                        f"{top_k} heads asked for, but the model has {num_heads_total}")
-    return int(top_k)
-  if not 0.0 < top_k <= 1.0:
-    raise input_error(source, "value", f"fraction {top_k!r} is outside (0, 1]")
-  return max(1, int(round(top_k * num_heads_total)))
-
-
-def select_top_heads(scores: jax.Array, k) -> jax.Array:
-  """`bool[subjects, layers, heads]` marking each subject's `k` best-scoring heads.
-
-  `k` may be traced (changing it does not recompile). Ties (accuracies are fractions,
-  so they are common) go to the lower flat index `layer * heads + head`, i.e. the earlier
-  layer; the reference's `argsort[::-1]` breaks them in an unspecified order.
-  """
-  flat = scores.reshape(scores.shape[0], -1)
-  order = jnp.argsort(-flat, axis=-1, stable=True)
-  rank = jnp.argsort(order, axis=-1)
-  return (rank < k).reshape(scores.shape)

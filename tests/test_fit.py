@@ -1,4 +1,4 @@
-"""Mass-mean directions, sigma, the whole PAS fit, steering tensors, and sharding."""
+"""The PAS fit: mass-mean directions, sigma, kept heads, steering tensors, and sharding."""
 
 import json
 import os
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from palign_jax.errors import UserInputError
-from palign_jax.pas import directions, labels
+from palign_jax.pas import fit as pas_fit
+from palign_jax.pas import labels
 
 ITEMS, LAYERS, HEADS, DIM = 40, 2, 3, 8
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -42,6 +43,9 @@ def make_problem(num_items, layers, heads, dim, seed=0):
 exec(PROBLEM_SOURCE)  # defines make_problem
 
 INVALID = [1, 2, 3]
+# The reference's probe settings, four heads kept.
+SETTINGS = pas_fit.FitSettings(top_k=4, c=1.0, val_fraction=0.4, split_by="pairs", min_items=2,
+                               max_iter=200, tol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def problem():
 @pytest.fixture(scope="module")
 def fit(problem):
   acts, answers = problem
-  return directions.fit_pas(jnp.asarray(acts), answers, key=jax.random.key(0), top_k=4)
+  return pas_fit.fit_pas(jnp.asarray(acts), answers, SETTINGS, key=jax.random.key(0))
 
 
 def _numpy_directions(x, y, labelled):
@@ -76,9 +80,9 @@ def test_directions_and_sigma_match_numpy_float64():
   y = rng.integers(0, 2, size=(4, 30))
   labelled = rng.uniform(size=(4, 30)) < 0.7
   labelled[3] = False  # nothing labelled: zeros, no NaN
-  got_dirs = directions.mass_mean_directions(jnp.asarray(x, jnp.float32), jnp.asarray(y),
+  got_dirs = pas_fit.mass_mean_directions(jnp.asarray(x, jnp.float32), jnp.asarray(y),
                                              jnp.asarray(labelled))
-  got_sigma = directions.projection_std(jnp.asarray(x, jnp.float32), got_dirs,
+  got_sigma = pas_fit.projection_std(jnp.asarray(x, jnp.float32), got_dirs,
                                         jnp.asarray(labelled))
   want_dirs, want_sigma = _numpy_directions(x, y, labelled)
   np.testing.assert_allclose(got_dirs, want_dirs, rtol=0, atol=2e-5)
@@ -109,16 +113,19 @@ def test_fit_pas_matches_numpy_and_flags_degenerate_subjects(problem, fit):
   assert bool(fit.probe_converged[valid].all())
 
 
-def test_top_k_as_a_fraction(problem):
+def test_top_k_changes_only_the_kept_heads(problem, fit):
   acts, answers = problem
-  half = directions.fit_pas(jnp.asarray(acts), answers, key=jax.random.key(0), top_k=0.5)
-  counts = np.asarray(half.head_mask).sum(axis=(1, 2))
-  assert counts.tolist() == [0 if i in INVALID else 3 for i in range(12)]
+  six = pas_fit.fit_pas(jnp.asarray(acts), answers, SETTINGS._replace(top_k=6),
+                        key=jax.random.key(0))
+  counts = np.asarray(six.head_mask).sum(axis=(1, 2))
+  assert counts.tolist() == [0 if i in INVALID else 6 for i in range(12)]
+  assert (np.asarray(six.head_mask) >= np.asarray(fit.head_mask)).all()  # a superset
+  np.testing.assert_array_equal(six.directions, fit.directions)
 
 
 def test_steering_tensors(fit):
   alphas = jnp.array([0.0, 1.0, 2.0, 4.0, 6.0, 8.0])
-  steer = np.asarray(directions.steering_vectors(fit, alphas))
+  steer = np.asarray(pas_fit.steering_vectors(fit, alphas))
   assert steer.shape == (12, 6, LAYERS, HEADS, DIM)
   mask = np.asarray(fit.head_mask)
   want = (np.asarray(alphas)[None, :, None, None, None]
@@ -130,17 +137,17 @@ def test_steering_tensors(fit):
   assert np.abs(steer[0, 1][mask[0]]).sum() > 0
   # Per-subject chosen alphas pick the matching slices.
   chosen = np.array([0, 5, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4])
-  got = directions.steering_for_alpha(fit, alphas[chosen])
+  got = pas_fit.steering_for_alpha(fit, alphas[chosen])
   assert got.shape == (12, LAYERS, HEADS, DIM)
   np.testing.assert_allclose(got, steer[np.arange(12), chosen], rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(directions.steering_for_alpha(fit, 2.0), steer[:, 2], rtol=1e-6)
+  np.testing.assert_allclose(pas_fit.steering_for_alpha(fit, 2.0), steer[:, 2], rtol=1e-6)
 
 
 def test_subjects_alone_equal_the_batch(problem, fit):
   acts, answers = problem
   for s in [0, 3]:
-    alone = directions.fit_pas(jnp.asarray(acts), answers[s:s + 1], key=jax.random.key(0),
-                               top_k=4, subject_ids=[s])
+    alone = pas_fit.fit_pas(jnp.asarray(acts), answers[s:s + 1], SETTINGS,
+                            key=jax.random.key(0), subject_ids=[s])
     for name, got, want in zip(fit._fields, alone, fit, strict=True):
       np.testing.assert_allclose(got[0], want[s], rtol=0, atol=1e-4, err_msg=name)
 
@@ -149,15 +156,17 @@ def test_fit_pas_rejects_bad_input(problem):
   acts, answers = problem
   bad = acts.copy()
   bad[7, 0, 1, 2, 3] = np.inf
+  key = jax.random.key(0)
   with pytest.raises(UserInputError, match="activations: item 7, version A, layer 1, head 2"):
-    directions.fit_pas(jnp.asarray(bad), answers, key=jax.random.key(0))
+    pas_fit.fit_pas(jnp.asarray(bad), answers, SETTINGS, key=key)
   with pytest.raises(UserInputError, match="known_answers: subject 0, item 0"):
-    directions.fit_pas(jnp.asarray(acts), np.full_like(answers, 7), key=jax.random.key(0))
+    pas_fit.fit_pas(jnp.asarray(acts), np.full_like(answers, 7), SETTINGS, key=key)
   with pytest.raises(UserInputError, match="top_k"):
-    directions.fit_pas(jnp.asarray(acts), answers, key=jax.random.key(0), top_k=7)
-  with pytest.raises(UserInputError, match="val_fraction"):
-    directions.fit_pas(jnp.asarray(acts), answers, key=jax.random.key(0), top_k=4,
-                       val_fraction=1.0)
+    pas_fit.fit_pas(jnp.asarray(acts), answers, SETTINGS._replace(top_k=7), key=key)
+  with pytest.raises(UserInputError, match="probe.val_fraction"):
+    pas_fit.fit_pas(jnp.asarray(acts), answers, SETTINGS._replace(val_fraction=1.0), key=key)
+  with pytest.raises(UserInputError, match="probe.split_by"):
+    pas_fit.fit_pas(jnp.asarray(acts), answers, SETTINGS._replace(split_by="items"), key=key)
 
 
 MESH_SCRIPT = """
@@ -166,16 +175,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from palign_jax.pas import directions
+from palign_jax.pas import fit as pas_fit
 {problem}
+SETTINGS = pas_fit.FitSettings(top_k=4, c=1.0, val_fraction=0.4, split_by="pairs", min_items=2,
+                               max_iter=200, tol=1e-6)
 acts, answers = make_problem({items}, {layers}, {heads}, {dim})
 answers = np.concatenate([answers, answers[::-1]])  # 24 subjects, 3 per device
 key = jax.random.key(0)
-single = directions.fit_pas(jnp.asarray(acts), answers, key=key, top_k=4)
+single = pas_fit.fit_pas(jnp.asarray(acts), answers, SETTINGS, key=key)
 mesh = Mesh(np.array(jax.devices()), ("subjects",))
 sharded_answers = jax.device_put(answers, NamedSharding(mesh, PartitionSpec("subjects")))
 acts_everywhere = jax.device_put(acts, NamedSharding(mesh, PartitionSpec()))
-sharded = directions.fit_pas(acts_everywhere, sharded_answers, key=key, top_k=4)
+sharded = pas_fit.fit_pas(acts_everywhere, sharded_answers, SETTINGS, key=key)
 print(json.dumps({{
     "devices": len(jax.devices()),
     "mask_devices": len(sharded.head_mask.sharding.device_set),

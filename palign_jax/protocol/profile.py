@@ -14,6 +14,7 @@ import pathlib
 import numpy as np
 import orbax.checkpoint as ocp
 
+from palign_jax import prompts
 from palign_jax.errors import UserInputError
 
 FORMAT_VERSION = 1
@@ -41,6 +42,21 @@ class AlignmentProfile:
     alpha = self.alpha if alpha is None else alpha
     scale = alpha * self.sigma * self.head_mask
     return (scale[..., None] * self.directions).astype(np.float32)
+
+
+def profile_from_alignment(alignment, *, model_fingerprint: str, model_source: str,
+                           known_answers: np.ndarray, selection: str, decoding: str,
+                           settings: dict) -> AlignmentProfile:
+  """The profile of one `SubjectAlignment`, steering at the alpha `selection` chose for
+  `decoding` (the context is the subject's few-shot prompt from all known answers)."""
+  return AlignmentProfile(
+      subject_id=alignment.subject_id, model_fingerprint=model_fingerprint,
+      model_source=model_source, prompt_version=prompts.PROMPT_VERSION,
+      system_prompt=prompts.few_shot_system_prompt(known_answers),
+      alpha=alignment.chosen_alpha[selection][decoding], alpha_selection=selection,
+      known_answers=np.asarray(known_answers), head_mask=alignment.head_mask,
+      directions=alignment.directions, sigma=alignment.sigma,
+      settings=dict(settings, decoding=decoding))
 
 
 def save_profile(path: str | pathlib.Path, profile: AlignmentProfile) -> pathlib.Path:

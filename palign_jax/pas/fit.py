@@ -1,7 +1,7 @@
-"""PAS directions and steering tensors: the whole per-subject fit from shared activations.
+"""The PAS fit: probes, kept heads, directions and sigma per subject, and steering tensors.
 
-For each subject: label the shared vectors (`labels`), fit a probe per head and keep the
-top K heads (`probes`), then for every head take the mass-mean direction (mean of the
+For each subject: label the shared vectors (`labels`), fit a probe per head (`probes`) and
+keep the top K heads (`heads`), then for every head take the mass-mean direction (mean of the
 label-1 vectors minus mean of the label-0 vectors, over all the subject's labelled
 vectors, unit length) and sigma, the standard deviation (ddof=0, as the reference's
 `np.std`) of those labelled vectors projected on it. Steering adds
@@ -25,11 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from palign_jax.errors import input_error
+from palign_jax.pas import heads as heads_lib
 from palign_jax.pas import labels as labels_lib
 from palign_jax.pas import probes as probes_lib
-
-DEFAULT_TOP_K = 24  # the reference's num_to_intervene
-DEFAULT_MIN_ITEMS = 2  # one item to train on, one to validate
 
 
 class PasFit(NamedTuple):
@@ -86,6 +84,18 @@ def projection_std(vectors: jax.Array, directions: jax.Array, labelled: jax.Arra
   return jnp.sqrt((w * (proj - mean[:, None]) ** 2).sum(axis=1) / count)
 
 
+class FitSettings(NamedTuple):
+  """How PAS fits a subject (the run's config, `config.pas` and `config.probe`, fills it)."""
+
+  top_k: int  # heads kept per subject (see `heads.resolve_top_k`)
+  c: float  # scikit-learn's C of the probes
+  val_fraction: float  # share of a subject's labelled items (or vectors) held out
+  split_by: str  # "pairs" (an item's A/E vectors stay together) or "vectors" (the reference)
+  min_items: int  # fewest labelled items for a subject to be fitted at all
+  max_iter: int  # L-BFGS iteration cap
+  tol: float  # probe stopping tolerance (see `probes.fit_probes`)
+
+
 # Only what changes shapes or code is static; numbers stay traced so that changing them
 # does not recompile.
 @functools.partial(jax.jit, static_argnames=("split_by", "head_chunk"))
@@ -93,8 +103,9 @@ def _fit_pas(activations, known_answers, key, subject_ids, *, top_k, c, val_frac
              split_by, min_items, max_iter, tol, head_chunk) -> PasFit:
   x = labels_lib.flatten_activations(activations).astype(jnp.float32)
   lab = labels_lib.pair_labels(known_answers.astype(jnp.int32))
-  keys = labels_lib.subject_keys(key, subject_ids)
-  train, val = labels_lib.train_val_split(keys, lab.labelled, val_fraction=val_fraction,
+  split_key, tie_key = jax.random.split(key)
+  train, val = labels_lib.train_val_split(labels_lib.subject_keys(split_key, subject_ids),
+                                          lab.labelled, val_fraction=val_fraction,
                                           split_by=split_by)
   num_labelled = lab.labelled.sum(axis=-1).astype(jnp.int32)
   has = lambda mask, cls: jnp.any(mask & (lab.labels == cls), axis=-1)
@@ -105,22 +116,20 @@ def _fit_pas(activations, known_answers, key, subject_ids, *, top_k, c, val_frac
   val = val & valid[:, None]
   probes = probes_lib.fit_probes(x, lab.labels, train, val, c=c, max_iter=max_iter,
                                  tol=tol, head_chunk=head_chunk)
-  head_mask = probes_lib.select_top_heads(probes.score, top_k) & valid[:, None, None]
+  keep = heads_lib.select_top_heads(probes.score, top_k,
+                                    labels_lib.subject_keys(tie_key, subject_ids))
   labelled = lab.labelled & valid[:, None]
   directions = mass_mean_directions(x, lab.labels, labelled)
   return PasFit(
-      head_mask=head_mask, directions=directions,
+      head_mask=keep & valid[:, None, None], directions=directions,
       sigma=projection_std(x, directions, labelled),
       train_accuracy=probes.train_accuracy, val_accuracy=probes.val_accuracy,
       probe_coef=probes.coef, probe_intercept=probes.intercept,
       probe_converged=probes.converged, num_labelled=num_labelled, valid=valid)
 
 
-def fit_pas(activations: jax.Array, known_answers, *, key: jax.Array,
-            top_k: int | float = DEFAULT_TOP_K, c: float = 1.0, val_fraction: float = 0.4,
-            split_by: str = "pairs", min_items: int = DEFAULT_MIN_ITEMS,
-            subject_ids: jax.Array | None = None, max_iter: int = 200, tol: float = 1e-6,
-            head_chunk: int = 1) -> PasFit:
+def fit_pas(activations: jax.Array, known_answers, settings: FitSettings, *, key: jax.Array,
+            subject_ids: jax.Array | None = None, head_chunk: int = 1) -> PasFit:
   """Fits PAS for every subject at once.
 
   Args:
@@ -128,29 +137,27 @@ def fit_pas(activations: jax.Array, known_answers, *, key: jax.Array,
       answer "A", `[:, 1]` for "E" (see `labels`). Shared by all subjects.
     known_answers: `int[S, items]` answers 1..5 to the same items, 0 = missing. May be
       sharded over its first axis; the outputs follow it.
-    key: a PRNG key for the train/validation splits.
-    top_k: heads to keep, an int or a fraction of all `L * H` heads.
-    c: scikit-learn's `C` for the probes.
-    val_fraction: share of each subject's labelled items (or vectors) held out.
-    split_by: "pairs" (default) or "vectors"; see `labels.train_val_split`.
-    min_items: fewest labelled items for a subject to be fitted (`valid`).
-    subject_ids: `int[S]` ids that seed each subject's split (default `arange(S)`); pass
-      the global ids when fitting a subset so each subject keeps its split.
-    max_iter, tol, head_chunk: solver settings, see `probes.fit_probes`.
+    settings: see `FitSettings`.
+    key: a PRNG key for the train/validation splits and the tie-breaking of head scores.
+    subject_ids: `int[S]` ids that seed each subject's split and tie-breaking (default
+      `arange(S)`); pass stable ids so a subject's fit does not depend on its batch.
+    head_chunk: heads fitted together per step (see `probes.fit_probes`); no effect on results.
 
   Raises:
-    UserInputError: bad shapes, non-finite activations, answers outside 0..5, bad top_k.
+    UserInputError: bad shapes, non-finite activations, answers outside 0..5, bad settings.
   """
   labels_lib.check_activations(activations)
   num_items, _, num_layers, num_heads, _ = activations.shape
   answers = labels_lib.check_known_answers(known_answers, num_items=num_items)
-  k = probes_lib.resolve_top_k(top_k, num_layers * num_heads)
-  if not 0.0 < val_fraction < 1.0:
-    raise input_error("val_fraction", "value", f"{val_fraction!r} is outside (0, 1)")
-  if min_items < 1:
-    raise input_error("min_items", "value", f"{min_items!r} is below 1")
-  if split_by not in labels_lib.SPLITS:
-    raise input_error("split_by", "value", f"{split_by!r} is not one of {labels_lib.SPLITS}")
+  k = heads_lib.resolve_top_k(settings.top_k, None, num_layers * num_heads)
+  if not 0.0 < settings.val_fraction < 1.0:
+    raise input_error("probe.val_fraction", "value",
+                      f"{settings.val_fraction!r} is outside (0, 1)")
+  if settings.min_items < 1:
+    raise input_error("probe.min_items", "value", f"{settings.min_items!r} is below 1")
+  if settings.split_by not in labels_lib.SPLITS:
+    raise input_error("probe.split_by", "value",
+                      f"{settings.split_by!r} is not one of {labels_lib.SPLITS}")
   if subject_ids is None:
     subject_ids = jnp.arange(answers.shape[0], dtype=jnp.int32)
   elif np.shape(subject_ids) != answers.shape[:1]:
@@ -161,14 +168,18 @@ def fit_pas(activations: jax.Array, known_answers, *, key: jax.Array,
   # The checked copy lives on the host; the caller's array keeps its sharding.
   if not isinstance(known_answers, jax.Array):
     known_answers = answers
-  return _fit_pas(activations, known_answers, key, subject_ids, top_k=k, c=float(c),
-                  val_fraction=float(val_fraction), split_by=split_by,
-                  min_items=int(min_items), max_iter=int(max_iter), tol=float(tol),
-                  head_chunk=int(head_chunk))
+  return _fit_pas(activations, known_answers, key, subject_ids, top_k=k, c=float(settings.c),
+                  val_fraction=float(settings.val_fraction), split_by=settings.split_by,
+                  min_items=int(settings.min_items), max_iter=int(settings.max_iter),
+                  tol=float(settings.tol), head_chunk=int(head_chunk))
 
 
 def steering_vectors(fit: PasFit, alphas) -> jax.Array:
-  """`float32[S, A, L, H, D]`: `alpha * sigma * direction` on kept heads, zero elsewhere."""
+  """`float32[S, A, L, H, D]`: `alpha * sigma * direction` on kept heads, zero elsewhere.
+
+  Made on the device and meant to stay there: the scorer gathers its (subject, alpha) rows
+  inside its compiled call.
+  """
   alphas = jnp.asarray(alphas, jnp.float32)
   unit = steering_for_alpha(fit, 1.0)
   return alphas[None, :, None, None, None] * unit[:, None]

@@ -1,0 +1,246 @@
+"""PAS under the PAPI protocol: contexts, folds, honest alpha selection and the labelled oracle.
+
+For a batch of subjects, `align_subjects`:
+
+1. fits PAS on each subject's 120 known answers (probes, kept heads, directions, sigma);
+2. `kfold_known` (honest): for each of k folds of the known items (stratified by trait, the
+   same for all subjects), refits PAS and rebuilds the few-shot context from the other folds'
+   answers only, scores the fold's items at every alpha, and picks, per decoding, the alpha
+   with the lowest mean absolute error over all folds (ties go to the smaller alpha);
+3. scores the held-out items only where asked: alpha 0 (the few-shot row) and each subject's
+   chosen alphas, or every alpha when `oracle_test` is requested;
+4. `oracle_test` (the reference's protocol, optimistic by construction): per decoding, the
+   alpha with the lowest error on the held-out test items themselves.
+
+It returns one `SubjectAlignment` per subject, which `launch.align`, `launch.evaluate` and the
+alignment profiles all consume, and which says what was computed and how long each stage took.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from palign_jax import data, prompts, readout
+from palign_jax.errors import UserInputError
+from palign_jax.pas import fit as pas_fit
+from palign_jax.pas import heads as pas_heads
+from palign_jax.protocol import metric
+
+SELECTIONS = ("kfold_known", "oracle_test")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignSettings:
+  """Everything the protocol needs from a run config (`config.pas`, `config.probe`, seed)."""
+
+  fit: pas_fit.FitSettings
+  alphas: tuple[float, ...]  # sorted, distinct, including 0
+  folds: int
+  seed: int
+
+  @classmethod
+  def from_config(cls, config, num_heads_total: int) -> AlignSettings:
+    pas, probe = config.pas, config.probe
+    top_k = pas_heads.resolve_top_k(pas.top_k, pas.top_k_fraction, num_heads_total,
+                                    source="config.pas")
+    alphas = tuple(sorted({float(a) for a in pas.alphas}))
+    if 0.0 not in alphas:
+      raise UserInputError(f"config.pas.alphas: {tuple(pas.alphas)} must include 0 (no "
+                           "steering: the few-shot row, and a choice the selection can make)")
+    if int(pas.folds) < 2:
+      raise UserInputError(f"config.pas.folds: {pas.folds} folds leave nothing to validate on; "
+                           "use 2 or more")
+    return cls(fit=pas_fit.FitSettings(
+        top_k=top_k, c=float(probe.c), val_fraction=float(probe.val_fraction),
+        split_by=str(probe.split_by), min_items=int(probe.min_items),
+        max_iter=int(probe.max_iter), tol=float(probe.tol)),
+        alphas=alphas, folds=int(pas.folds), seed=int(config.seed))
+
+
+@dataclasses.dataclass
+class SubjectAlignment:
+  """One subject's PAS alignment and what it took to find it."""
+
+  subject_id: str
+  alphas: np.ndarray  # f32[A]: the candidate alphas
+  valid: bool  # probes were fitted (enough labelled items of both classes)
+  num_labelled: int  # labelled activation vectors (2 per item answered other than 3)
+  head_mask: np.ndarray  # bool[layers, heads]: kept heads
+  directions: np.ndarray  # f32[layers, heads, head_dim]: unit mass-mean directions
+  sigma: np.ndarray  # f32[layers, heads]
+  heldout: np.ndarray  # int[items]: the 0-based test items
+  fold_error: dict[str, list[float]]  # decoding -> [A] k-fold error on the known items
+  chosen_alpha: dict[str, dict[str, float]]  # selection -> decoding -> alpha
+  test_log_probs: dict[float, np.ndarray]  # alpha -> f32[items, 5], only the alphas scored
+  test_error: dict[str, dict[float, float]]  # decoding -> alpha -> error sum (if answers known)
+  work: dict  # what was computed (alphas, items, contexts) and seconds per stage (batch totals)
+
+  def predictions(self, alpha: float, decoding: str) -> np.ndarray:
+    """`int[items]` answers 1..5 on the test items at a scored alpha."""
+    return readout.answers(self.test_log_probs[float(alpha)], decoding)
+
+  def steering(self, alpha: float) -> np.ndarray:
+    """`f32[layers, heads, head_dim]`: alpha * sigma * direction on the kept heads."""
+    return (alpha * self.sigma * self.head_mask)[..., None] * self.directions
+
+
+def fold_of_known_items(folds: int, seed: int) -> np.ndarray:
+  """`int[120]`: the fold of each known item, stratified by trait, the same for all subjects."""
+  split, items = data.load_split(), data.load_items()
+  traits = items.trait[split.known]
+  rng = np.random.default_rng(seed)
+  fold = np.empty(len(traits), np.int64)
+  for t in range(len(data.TRAITS)):
+    members = rng.permutation(np.flatnonzero(traits == t))
+    fold[members] = np.arange(len(members)) % folds
+  return fold
+
+
+def subject_seeds(subject_ids: Sequence[str]) -> np.ndarray:
+  """`int32[subjects]`: a stable per-subject seed, so a subject's fit does not depend on which
+  other subjects share its batch."""
+  return np.array([zlib.crc32(str(s).encode()) & 0x7FFFFFFF for s in subject_ids], np.int32)
+
+
+class _Stages:
+  """Wall seconds per named stage (a stage may run several times)."""
+
+  def __init__(self, progress: Callable[[str], None]):
+    self.seconds: dict[str, float] = {}
+    self.progress = progress
+
+  def run(self, name: str, label: str, fn, *args, **kwargs):
+    self.progress(label)
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn(*args, **kwargs))
+    self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+    return result
+
+
+def _contexts(engine, known: np.ndarray) -> list[np.ndarray]:
+  return [engine.context_tokens(prompts.few_shot_system_prompt(row)) for row in known]
+
+
+def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
+                   settings: AlignSettings, *, selections: Sequence[str] = ("kfold_known",),
+                   heldout: np.ndarray | None = None,
+                   progress: Callable[[str], None] | None = None) -> list[SubjectAlignment]:
+  """Aligns a batch of subjects (see the module docstring).
+
+  Args:
+    engine: a `palign_jax.engine.Engine` (model, tokenizer, scoring).
+    activations: `f32[120, 2, layers, heads, head_dim]` shared head outputs (`engine.activations`).
+    subjects: the batch; only their 120 known answers are read, except by `oracle_test`.
+    selections: any of `SELECTIONS`; `kfold_known` runs the folds, `oracle_test` scores every
+      alpha on the test items and reads the subjects' held-out answers.
+    heldout: the test items (default: the benchmark's 180); may be empty (a user's own answers).
+  """
+  unknown = [s for s in selections if s not in SELECTIONS]
+  if unknown:
+    raise UserInputError(f"alpha selection {unknown} is not one of {SELECTIONS}")
+  stages = _Stages(progress or (lambda _: None))
+  split = data.load_split()
+  heldout = split.heldout if heldout is None else np.asarray(heldout)
+  known = data.known_answers(subjects).astype(np.int32)
+  if "oracle_test" in selections:
+    missing = [s for s, row in zip(subjects.ids, subjects.answers[:, heldout], strict=True)
+               if not (row > 0).any()]
+    if missing or not len(heldout):
+      raise UserInputError(f"oracle_test needs held-out answers, which subjects {missing[:5]} "
+                           "do not have; use kfold_known")
+  alphas = np.asarray(settings.alphas, np.float32)
+  zero = int(np.flatnonzero(alphas == 0)[0])
+  seeds = subject_seeds(subjects.ids)
+  base_key = jax.random.PRNGKey(settings.seed)
+
+  def fit(answers, salt):
+    return pas_fit.fit_pas(activations, answers, settings.fit,
+                           key=jax.random.fold_in(base_key, salt), subject_ids=seeds)
+
+  full_fit = stages.run("probes", "PAS fit on the known items", fit, known, 0)
+
+  fold_error: dict[str, np.ndarray] = {}
+  chosen: dict[str, dict[str, np.ndarray]] = {}
+  if "kfold_known" in selections:
+    fold = fold_of_known_items(settings.folds, settings.seed)
+    totals = {d: np.zeros((len(known), len(alphas))) for d in readout.DECODINGS}
+    counts = np.zeros((len(known), 1))
+    for f in range(settings.folds):
+      in_fold = fold == f
+      visible = np.where(in_fold[None, :], 0, known)
+      fold_fit = stages.run("fold_probes", f"fold {f + 1}/{settings.folds}: PAS fit", fit,
+                            visible, f + 1)
+      log_probs = stages.run(
+          "fold_sweep", f"fold {f + 1}/{settings.folds}: {len(alphas)} alphas x "
+          f"{int(in_fold.sum())} items", engine.score, _contexts(engine, visible),
+          split.known[in_fold], steering=pas_fit.steering_vectors(fold_fit, alphas))
+      log_probs = log_probs.reshape(len(known), len(alphas), int(in_fold.sum()), -1)
+      actual = known[:, None, in_fold]
+      answered = actual > 0
+      for d in readout.DECODINGS:
+        predicted = readout.answers(log_probs, d)
+        totals[d] += np.where(answered, np.abs(predicted - actual), 0).sum(-1)
+      counts += answered[:, 0].sum(-1, keepdims=True)
+    fold_error = {d: totals[d] / np.maximum(counts, 1) for d in readout.DECODINGS}
+    chosen["kfold_known"] = {d: np.argmin(fold_error[d], axis=1) for d in readout.DECODINGS}
+
+  # The test sweep pays only for what is asked: alpha 0 (few-shot) and the chosen alphas, or
+  # every alpha for the oracle.
+  wanted = [{zero} for _ in range(len(known))]
+  for by_decoding in chosen.values():
+    for index in by_decoding.values():
+      for s in range(len(known)):
+        wanted[s].add(int(index[s]))
+  if "oracle_test" in selections:
+    wanted = [set(range(len(alphas))) for _ in range(len(known))]
+  pairs = np.array([(s, a) for s in range(len(known)) for a in sorted(wanted[s])], np.int64)
+  scored = np.zeros((len(pairs), len(heldout), len(prompts.OPTION_LETTERS)), np.float32)
+  if len(heldout):
+    scored = stages.run("test_sweep", f"test items: {len(pairs)} (subject, alpha) contexts x "
+                        f"{len(heldout)} items", engine.score, _contexts(engine, known),
+                        heldout, steering=pas_fit.steering_vectors(full_fit, alphas),
+                        pairs=pairs)
+  test_log_probs = [{} for _ in range(len(known))]
+  for (s, a), log_probs in zip(pairs, scored, strict=True):
+    test_log_probs[s][float(alphas[a])] = log_probs
+
+  test_error: list[dict[str, dict[float, float]]] = [{} for _ in range(len(known))]
+  if len(heldout) and (subjects.answers[:, heldout] > 0).any():
+    for s in range(len(known)):
+      scored_alphas = sorted(test_log_probs[s])
+      for d in readout.DECODINGS:
+        predicted = np.stack([readout.answers(test_log_probs[s][a], d) for a in scored_alphas])
+        errors = metric.trait_errors([subjects.ids[s]] * len(scored_alphas), predicted,
+                                     np.repeat(subjects.answers[s:s + 1], len(scored_alphas), 0),
+                                     heldout).composite
+        test_error[s][d] = {a: float(e) for a, e in zip(scored_alphas, errors, strict=True)}
+  if "oracle_test" in selections:
+    chosen["oracle_test"] = {
+        d: np.array([int(np.argmin(np.nan_to_num(list(test_error[s][d].values()), nan=np.inf)))
+                     for s in range(len(known))]) for d in readout.DECODINGS}
+
+  kfold = "kfold_known" in selections
+  work = {"subjects_in_batch": len(known), "stage_seconds": dict(stages.seconds),
+          "selections": list(selections), "folds": settings.folds if kfold else 0,
+          "fold_alphas": [float(a) for a in alphas] if kfold else [],
+          "test_items": int(len(heldout))}
+  results = []
+  for s, sid in enumerate(subjects.ids):
+    results.append(SubjectAlignment(
+        subject_id=sid, alphas=alphas, valid=bool(full_fit.valid[s]),
+        num_labelled=int(full_fit.num_labelled[s]),
+        head_mask=np.asarray(full_fit.head_mask[s]),
+        directions=np.asarray(full_fit.directions[s]), sigma=np.asarray(full_fit.sigma[s]),
+        heldout=heldout,
+        fold_error={d: [float(v) for v in e[s]] for d, e in fold_error.items()},
+        chosen_alpha={sel: {d: float(alphas[i[s]]) for d, i in by.items()}
+                      for sel, by in chosen.items()},
+        test_log_probs=test_log_probs[s], test_error=test_error[s],
+        work=dict(work, test_alphas=sorted(test_log_probs[s]))))
+  return results
