@@ -82,7 +82,10 @@ def _peak_rss_mib() -> float:
 def run_jax(subjects: int, scale_sd: float) -> dict:
   import jax
 
-  from palign_jax.pas import directions, probes
+  from palign_jax.pas import fit as pas_fit
+  from palign_jax.pas import probes
+  settings = pas_fit.FitSettings(top_k=24, c=1.0, val_fraction=0.4, split_by="pairs",
+                                 min_items=2, max_iter=200, tol=1e-6)  # configs/default.py
   acts, answers = make_problem(subjects, scale_sd)
   x, y, train, val = _labels_and_split(acts, answers)
   jax.block_until_ready((x, y, train, val))
@@ -98,10 +101,10 @@ def run_jax(subjects: int, scale_sd: float) -> dict:
   n = x.shape[0]
   gemm_flop = float(loop_iters.sum()) * 2 * (2 * subjects * n * (DIM + 1))
   start = time.perf_counter()
-  pas = jax.block_until_ready(directions.fit_pas(acts, answers, key=jax.random.key(0)))
+  pas = jax.block_until_ready(pas_fit.fit_pas(acts, answers, settings, key=jax.random.key(0)))
   pas_first = time.perf_counter() - start
   start = time.perf_counter()
-  jax.block_until_ready(directions.fit_pas(acts, answers, key=jax.random.key(0)))
+  jax.block_until_ready(pas_fit.fit_pas(acts, answers, settings, key=jax.random.key(0)))
   out.update({
       "fit_pas first call": pas_first,
       "fit_pas second call": time.perf_counter() - start,

@@ -111,8 +111,8 @@ def run_method(args) -> dict:
   params = init_params(config, jax.random.key(0), jnp.dtype(dtype))
   prefixes, questions = make_data(config, args)
   if args.method == "prefix":
-    run = lambda ps, qs: scoring.score_prefix_shared(
-        params, config, ps, qs, OPTION_IDS, question_batch=args.question_batch)
+    run = lambda ps, qs: scoring.score_contexts(
+        params, config, ps, qs, OPTION_IDS, question_batch=args.question_batch, prefix_batch=1)
     t = time.perf_counter()
     run(prefixes[:1], warm_subset(questions, args.question_batch))  # compiles
     warm = time.perf_counter() - t

@@ -26,16 +26,15 @@ from palign_jax.errors import UserInputError
 from palign_jax.models import loading
 
 ACTIVATION_LETTERS = ("A", "E")  # [:, 0] = answered "Very Accurate", [:, 1] = "Very Inaccurate"
-CPU_WORKING_SET = 2 * 2**30  # bytes a CPU prefix batch may use (more only hurts cache locality)
 
 
-def memory_budget(params_bytes: int) -> float:
-  """Bytes a scoring batch may use: half the accelerator's memory left after the parameters,
-  or `CPU_WORKING_SET` on a CPU (whose stats report no limit)."""
+def memory_budget(params_bytes: int) -> float | None:
+  """Bytes a scoring batch may use on an accelerator: half its memory left after the
+  parameters. None on a CPU, whose stats report no limit."""
   stats = jax.devices()[0].memory_stats() or {}
   limit = stats.get("bytes_limit")
   if not limit:
-    return CPU_WORKING_SET
+    return None
   return max(0.5 * (limit - params_bytes), 2**28)
 
 
@@ -105,15 +104,23 @@ class Engine:
     return self._questions[key]
 
   def prefix_batch(self, context_length: int) -> int:
-    """The configured prefix batch, or (0) the largest that fits the memory budget."""
+    """The configured prefix batch, or (0) the largest that fits an accelerator's memory.
+
+    On a CPU the automatic size is 1: batching (subject, alpha) contexts only enlarges the
+    attention temporaries past the caches, and `benchmarks/bench_pas.py` measured one context
+    per call fastest there (a 6-context sweep: 200 s at 1, 244 s at 4 + 2).
+    """
     if self.requested_prefix_batch:
       return self.requested_prefix_batch
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(self.model.params))
+    budget = memory_budget(params_bytes)
+    if budget is None:
+      return 1
     item_lengths = [len(s) - len(self.question_head) for s in self._suffixes]
     dtype_bytes = np.dtype(self.params_dtype).itemsize
     return scoring.auto_prefix_batch(
         self.config, scoring.bucket_length(context_length), self.question_batch,
-        scoring.bucket_length(max(item_lengths)), memory_budget(params_bytes), dtype_bytes)
+        scoring.bucket_length(max(item_lengths)), budget, dtype_bytes)
 
   def score(self, contexts: Sequence[np.ndarray], items: np.ndarray, *,
             steering: jax.Array | None = None, pairs: np.ndarray | None = None) -> np.ndarray:

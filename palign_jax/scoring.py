@@ -30,6 +30,8 @@ from palign_jax.models.config import ModelConfig
 from palign_jax.models.llama import KVCache, forward
 from palign_jax.models.params import Params
 
+PREFILL_SPLIT_MIN = 512  # prefixes at least this long are encoded in two halves
+
 
 def bucket_length(n: int, minimum: int = 8) -> int:
   """Rounds `n` up to a multiple of max(`minimum`, 1/8 of the power of two below it).
@@ -37,6 +39,7 @@ def bucket_length(n: int, minimum: int = 8) -> int:
   At most 12.5% padding (or `minimum` - 1 tokens) and 8 sizes per octave:
   45 -> 48, 50 -> 56, 1500 -> 1536, 1545 -> 1664.
   """
+  n = int(n)
   if n <= minimum:
     return minimum
   step = max(minimum, 1 << max(0, (n - 1).bit_length() - 4))
@@ -112,10 +115,27 @@ def encode_prefixes(params: Params, config: ModelConfig, tokens: jax.Array, leng
 
   tokens int32[P, S], lengths int32[P], steering [P, layers, heads, head_dim] or None
   -> KVCache keys/values [layers, P, S, kv_heads, head_dim], mask bool[P, S].
+
+  A long prefix is encoded in two halves, the second attending to the first's cache: causal
+  attention over the whole prefix at once computes (and masks) the upper triangle of its score
+  matrix, the halves skip a quarter of it (measured 22% faster at 1,408 tokens on a CPU; more
+  halving measured no better).
   """
-  mask = jnp.arange(tokens.shape[1])[None] < lengths[:, None]
-  return forward(params, config, tokens, None, attention_mask=mask, steering=steering,
-                 return_logits=False, return_kv=True).kv_cache
+  P, S = tokens.shape
+  mask = jnp.arange(S)[None] < lengths[:, None]
+  if S < PREFILL_SPLIT_MIN or S % 2:
+    return forward(params, config, tokens, None, attention_mask=mask, steering=steering,
+                   return_logits=False, return_kv=True).kv_cache
+  half = S // 2
+  positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (P, S))
+  first = forward(params, config, tokens[:, :half], positions[:, :half],
+                  attention_mask=mask[:, :half], steering=steering, return_logits=False,
+                  return_kv=True).kv_cache
+  second = forward(params, config, tokens[:, half:], positions[:, half:],
+                   attention_mask=mask[:, half:], kv_cache=first, steering=steering,
+                   return_logits=False, return_kv=True).kv_cache
+  join = lambda a, b: jnp.concatenate([a, b], axis=2)
+  return KVCache(join(first.keys, second.keys), join(first.values, second.values), mask)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -194,12 +214,44 @@ class QuestionBatches:
 
 
 def _batch_rows(count: int, prefix_batch: int) -> list[int]:
-  """Rows of each prefix batch: full batches, then the remainder rounded up to a power of
-  two (at most log2(prefix_batch) extra program shapes instead of one per remainder)."""
+  """Rows of each prefix batch: full batches, then the remainder as distinct powers of two
+  (7 -> 4, 2, 1): nothing is padded, and at most log2(prefix_batch) more program shapes."""
   sizes = [prefix_batch] * (count // prefix_batch)
-  if count % prefix_batch:
-    sizes.append(min(prefix_batch, 1 << (count % prefix_batch - 1).bit_length()))
+  rest = count % prefix_batch
+  while rest:
+    sizes.append(1 << (rest.bit_length() - 1))
+    rest -= sizes[-1]
   return sizes
+
+
+def plan_prefix_batches(context_lengths: Sequence[int], prefix_batch: int
+                        ) -> list[tuple[np.ndarray, int]]:
+  """How `score_contexts` batches N (context, alpha) pairs: `(pair indices, padded length)` per
+  batch. Pairs are sorted by context length, so each batch pads to a close bucket."""
+  by_length = np.argsort(context_lengths, kind="stable")
+  plan, start = [], 0
+  for rows in _batch_rows(len(by_length), prefix_batch):
+    chosen = by_length[start:start + rows]
+    start += rows
+    plan.append((chosen, bucket_length(max(context_lengths[i] for i in chosen))))
+  return plan
+
+
+def program_shapes(context_lengths: Sequence[int], question_lengths: Sequence[int],
+                   prefix_batch: int, question_batch: int) -> set[tuple]:
+  """The distinct compiled programs one `score_contexts` call needs: ("encode", rows, length)
+  and ("score", rows, length, question_batch, question length) tuples."""
+  q_buckets = {bucket_length(max(chunk)) for chunk in _chunks(sorted(question_lengths),
+                                                                  question_batch)}
+  shapes = set()
+  for chosen, bucket in plan_prefix_batches(context_lengths, prefix_batch):
+    shapes.add(("encode", len(chosen), bucket))
+    shapes |= {("score", len(chosen), bucket, question_batch, t) for t in q_buckets}
+  return shapes
+
+
+def _chunks(items: Sequence, size: int) -> list:
+  return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def score_contexts(params: Params, config: ModelConfig, contexts: Sequence,
@@ -246,15 +298,10 @@ def score_contexts(params: Params, config: ModelConfig, contexts: Sequence,
     raise UserInputError(f"score_contexts: prefix_batch ({prefix_batch}) and question_batch "
                          f"({question_batch}) must be >= 1")
 
-  # Pairs sorted by context length, so each batch pads its contexts to a close bucket.
-  by_length = np.argsort([len(contexts[c]) for c, _ in pairs], kind="stable")
-  scores, start = [], 0
-  for rows in _batch_rows(len(pairs), prefix_batch):
-    chosen = by_length[start:start + rows]
-    start += rows
-    group = pairs[np.concatenate([chosen, np.repeat(chosen[-1:], rows - len(chosen))])]
-    group_contexts = [contexts[c] for c in group[:, 0]]
-    tokens, lengths = _pad(group_contexts, bucket_length(max(map(len, group_contexts))))
+  scores = []
+  for chosen, bucket in plan_prefix_batches([len(contexts[c]) for c, _ in pairs], prefix_batch):
+    group = pairs[chosen]
+    tokens, lengths = _pad([contexts[c] for c in group[:, 0]], bucket)
     lengths = jnp.asarray(lengths)
     rows_steering = None
     if steering is not None:  # gathered on the device

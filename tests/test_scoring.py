@@ -81,6 +81,21 @@ def test_context_shared_scores_equal_full_prompts_in_torch():
   assert_close(full, ref[1])
 
 
+def test_long_prefixes_encoded_in_halves_equal_torch():
+  """Prefixes of PREFILL_SPLIT_MIN tokens or more are encoded in two halves; the cache must be
+  the same as one pass (the scores equal PyTorch's on the full prompts)."""
+  model, config, params = build(MODEL)
+  rng = np.random.default_rng(3)
+  n = scoring.PREFILL_SPLIT_MIN
+  prefixes = [rng.integers(0, config.vocab_size, k).astype(np.int32) for k in (n + 9, n + 40)]
+  _, questions = data()
+  got = score(params, config, prefixes, questions[:3])
+  assert scoring.bucket_length(len(prefixes[1])) >= n  # the split path ran
+  ref = np.array([[torch_scores(model, np.concatenate([p, q])) for q in questions[:3]]
+                  for p in prefixes])
+  assert_close(got, ref)
+
+
 @pytest.mark.parametrize("prefix_batch", [1, 3, 4, 8])
 def test_any_prefix_batch_gives_the_same_scores(prefix_batch):
   _, config, params = build(MODEL)
@@ -133,9 +148,11 @@ def test_steered_scoring_per_context_and_alpha():
 
 def test_batch_rows_and_memory_sizing():
   assert scoring._batch_rows(10, 4) == [4, 4, 2]
-  assert scoring._batch_rows(7, 4) == [4, 4]
-  assert scoring._batch_rows(3, 8) == [4]
+  assert scoring._batch_rows(7, 4) == [4, 2, 1]
+  assert scoring._batch_rows(6, 8) == [4, 2]
   assert scoring._batch_rows(1, 8) == [1]
+  for count in range(1, 40):
+    assert sum(scoring._batch_rows(count, 8)) == count
   _, config, _ = build(MODEL)
   small = scoring.auto_prefix_batch(config, 1536, 20, 88, budget_bytes=1e6)
   large = scoring.auto_prefix_batch(config, 1536, 20, 88, budget_bytes=1e9)
