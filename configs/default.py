@@ -27,7 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.pas.alphas = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)  # candidates; must include 0
   config.pas.folds = 3  # k of the honest k-fold alpha selection over the 120 known items
   config.pas.selection = "kfold_known"  # launch.align: kfold_known (honest) or oracle_test
-  config.pas.decoding = "argmax"  # launch.align / chat: the decoding whose alpha a profile keeps
+  # launch.align: the readout whose alpha a profile keeps: "chosen" (each subject's own, picked
+  # with alpha on the known items) or a decoding name (see config.readout).
+  config.pas.decoding = "chosen"
 
   config.probe = ml_collections.ConfigDict()
   config.probe.c = 1.0  # scikit-learn's C (inverse L2 strength), the reference's value
@@ -37,6 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.probe.min_items = 2  # fewest labelled items (answers other than 3) to fit a subject
   config.probe.max_iter = 200  # L-BFGS iteration cap
   config.probe.tol = 1e-6  # stop when max|gradient| <= tol * C * n_train
+
+  config.readout = ml_collections.ConfigDict()
+  # How answers are read from the letter distribution (palign_jax/readout.py), each a row.
+  config.readout.decodings = "argmax,median,calibrated,calibrated_median,matched"
+  # The headline few_shot and pas rows: "kfold" picks each subject's decoding (and alpha) on
+  # the known items; or name one decoding to use it for everybody.
+  config.readout.choice = "kfold"
 
   config.scoring = ml_collections.ConfigDict()
   # Questions per compiled call; 10 divides every item count the protocol scores (180 held-out

@@ -48,8 +48,8 @@ def run(config, output_dir: str) -> store.ResultStore:
   if selection not in METHOD_OF:
     raise UserInputError(f"--config.pas.selection: {selection!r} is not one of "
                          f"{sorted(METHOD_OF)}")
-  if decoding not in readout.DECODINGS:
-    raise UserInputError(f"--config.pas.decoding: {decoding!r} is not one of "
+  if decoding != "chosen" and decoding not in readout.DECODINGS:
+    raise UserInputError(f"--config.pas.decoding: {decoding!r} is neither 'chosen' nor one of "
                          f"{list(readout.DECODINGS)}")
   subjects = data.parse_subject_spec(str(config.subjects), data.load_papi_subjects())
   heldout = data.load_split().heldout
@@ -59,6 +59,9 @@ def run(config, output_dir: str) -> store.ResultStore:
   engine = engine_lib.Engine.from_config(config)
   settings = alignment_lib.AlignSettings.from_config(
       config, engine.config.num_layers * engine.config.num_heads)
+  if decoding != "chosen" and decoding not in settings.decodings:
+    raise UserInputError(f"--config.pas.decoding: {decoding!r} is not among "
+                         f"--config.readout.decodings ({', '.join(settings.decodings)})")
   out = pathlib.Path(output_dir)
   results_store = store.ResultStore(out, {
       "model": {"fingerprint": engine.fingerprint, "source": engine.source,
@@ -66,7 +69,7 @@ def run(config, output_dir: str) -> store.ResultStore:
       "prompt_version": prompts.PROMPT_VERSION, "seed": int(config.seed),
       "pas": {k: ([float(a) for a in v] if k == "alphas" else v)
               for k, v in config.pas.to_dict().items()},
-      "probe": config.probe.to_dict()})
+      "probe": config.probe.to_dict(), "readout": config.readout.to_dict()})
   method = METHOD_OF[selection]
   pending = [s for s in subjects.ids if not results_store.has(s, method)]
   bar = tqdm(total=len(pending), desc="aligning", unit="subject", file=sys.stderr)
@@ -81,16 +84,19 @@ def run(config, output_dir: str) -> store.ResultStore:
         engine, engine.activations(), chunk, settings, selections=(selection,),
         heldout=heldout if has_test.any() else heldout[:0], progress=bar.set_postfix_str)
     for s, alignment in enumerate(alignments):
+      # "chosen": the subject's own readout, picked with alpha on the known items (k-fold).
+      used = (alignment.chosen_decoding.get("pas", readout.DECODINGS[0])
+              if decoding == "chosen" else decoding)
       profile = profile_lib.profile_from_alignment(
           alignment, model_fingerprint=engine.fingerprint, model_source=engine.source,
-          known_answers=known[s], selection=selection, decoding=decoding,
+          known_answers=known[s], selection=selection, decoding=used,
           settings={"pas": config.pas.to_dict(), "probe": config.probe.to_dict(),
                     "seed": int(config.seed)})
       path = profile_lib.save_profile(out / "profiles" / _safe(alignment.subject_id), profile)
       layers, heads = np.nonzero(alignment.head_mask)
       seconds = sum(alignment.work["stage_seconds"].values()) / len(chunk)
       (record,) = records_lib.pas_records(
-          alignment, chunk.answers[s], [method], profile=str(path), decoding=decoding,
+          alignment, chunk.answers[s], [method], profile=str(path), decoding=used,
           heads=[[int(a), int(b)] for a, b in zip(layers, heads, strict=True)],
           sigma=[float(alignment.sigma[a, b]) for a, b in zip(layers, heads, strict=True)],
           has_test_answers=bool(has_test[subjects.ids.index(alignment.subject_id)]),
@@ -107,13 +113,13 @@ def main(argv: list[str]) -> None:
   config = common.resolved_config(_CONFIG, model=_MODEL.value, subjects=_SUBJECTS.value)
   results_store = run(config, common.output_dir("align"))
   method = METHOD_OF[str(config.pas.selection)]
-  decoding = str(config.pas.decoding)
   subjects = data.parse_subject_spec(str(config.subjects), data.load_papi_subjects())
   for sid in subjects.ids:
     record = results_store.get(sid, method)
-    error = record["decodings"][decoding]["sum"] if record["has_test_answers"] else None
-    print(f"subject {sid}: alpha={record['alpha'][decoding]} ({record['alpha_selection']}, "
-          f"{decoding}), {len(record['heads'])} heads"
+    used = record["decoding"]
+    error = record["decodings"][used]["sum"] if record["has_test_answers"] else None
+    print(f"subject {sid}: alpha={record['alpha'][used]} ({record['alpha_selection']}, "
+          f"readout {used}), {len(record['heads'])} heads"
           + (f", held-out error sum {error:.3f}" if error is not None else "")
           + f", profile {record['profile']}")
 

@@ -58,14 +58,18 @@ def inventory_table(engine, profile: profile_lib.AlignmentProfile, person: np.nd
   """Trait scores (1..5) on all 300 items: person (where answered), unaligned, aligned."""
   everything = np.arange(data.NUM_ITEMS)
   steering = jnp.asarray(profile.steering(_ALPHA.value))[None, None]  # [1 context, 1 alpha, ...]
-  aligned = engine.score([engine.context_tokens(profile.system_prompt)], everything,
-                         steering=steering)[0]
-  unaligned = engine.score_systems([prompts.DEFAULT_SYSTEM_PROMPT], everything)[0]
+  aligned, aligned_prior = engine.score([engine.context_tokens(profile.system_prompt)],
+                                        everything, steering=steering, content_free=True)
+  unaligned, unaligned_prior = engine.score_systems([prompts.DEFAULT_SYSTEM_PROMPT], everything,
+                                                    content_free=True)
   decoding = profile.settings.get("decoding", readout.DECODINGS[0])
+  # `matched` needs known-item scores without their answers in the context; the inventory
+  # re-asks every item under the profile's context, so it reads the median instead.
+  read = lambda log_probs, prior: readout.decode(log_probs, decoding, prior=prior)[0]
   rows = {
       "person": plots.trait_scores(person, everything),
-      "unaligned model": plots.trait_scores(readout.answers(unaligned, decoding), everything),
-      "aligned model": plots.trait_scores(readout.answers(aligned, decoding), everything),
+      "unaligned model": plots.trait_scores(read(unaligned[0], unaligned_prior[0]), everything),
+      "aligned model": plots.trait_scores(read(aligned[0], aligned_prior[0]), everything),
   }
   lines = [f"{'':16}" + "".join(f"{data.TRAIT_NAMES[t]:>19}" for t in data.TRAITS)]
   for name, scores in rows.items():

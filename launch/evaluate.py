@@ -50,7 +50,7 @@ def identity_of(config, engine=None) -> dict:
   identity = {"prompt_version": prompts.PROMPT_VERSION, "seed": int(config.seed),
               "pas": {k: v for k, v in config.pas.to_dict().items()
                       if k not in ("selection", "decoding")},
-              "probe": config.probe.to_dict()}
+              "probe": config.probe.to_dict(), "readout": config.readout.to_dict()}
   identity["pas"]["alphas"] = [float(a) for a in identity["pas"]["alphas"]]
   if engine is not None:
     identity["model"] = {"fingerprint": engine.fingerprint, "source": engine.source,
@@ -137,9 +137,16 @@ def write_reports(results_store: store.ResultStore, methods: list[str], subjects
       "(mean over items and subjects / lowest item); s / subject = wall seconds of the work "
       f"that produced the row.\n\n{table}\n")
   if config.plots and summaries:
-    plots.plot_errors(summaries, out / "errors_by_trait.png")
+    plots.plot_errors({name: s for name, s in summaries.items() if _plotted(name)},
+                      out / "errors_by_trait.png")
     _plot_first_profile(results_store, methods, subjects, out / "profile_first_subject.png")
   return results
+
+
+def _plotted(row: str) -> bool:
+  """The plot shows each method's headline row, every readout of pas, and the baselines (the
+  table has every row)."""
+  return "[" not in row or row.startswith("pas [")
 
 
 def _plot_first_profile(results_store, methods, subjects, path) -> None:

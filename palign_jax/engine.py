@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from palign_jax import data, prompts, scoring
+from palign_jax import data, prompts, readout, scoring
 from palign_jax.errors import UserInputError
 from palign_jax.models import loading
 
@@ -54,6 +54,7 @@ class Engine:
     self.option_ids = prompts.option_token_ids(model.tokenizer)
     self._suffixes = self._all_question_suffixes()
     self.question_head = _common_prefix(self._suffixes)
+    self._content_free = self._content_free_questions()
     self._questions: dict[tuple[int, ...], scoring.QuestionBatches] = {}
     self._activations: np.ndarray | None = None
     self.activation_stats: dict = {}  # seconds to get the activations, and whether cached
@@ -86,6 +87,20 @@ class Engine:
     return [prompts.encode_question(self.model.tokenizer, prompts.DEFAULT_SYSTEM_PROMPT,
                                     text).suffix for text in data.load_items().text]
 
+  def _content_free_questions(self) -> list[np.ndarray]:
+    """The question turn with content-free statements ("N/A", "[MASK]", nothing), which
+    measure the model's letter prior under a context (`readout`, contextual calibration)."""
+    head, out = self.question_head, []
+    for statement in readout.CONTENT_FREE_STATEMENTS:
+      suffix = prompts.encode_question(self.model.tokenizer, prompts.DEFAULT_SYSTEM_PROMPT,
+                                       statement).suffix
+      if suffix[:len(head)] != head:
+        raise UserInputError("tokenizer: a content-free question does not begin with the tokens "
+                             "every question begins with; contextual calibration cannot share "
+                             "the context")
+      out.append(np.asarray(suffix[len(head):], np.int32))
+    return out
+
   def context_tokens(self, system: str) -> np.ndarray:
     """`int32[n]`: the system turn followed by the tokens every question turn begins with."""
     return np.asarray(prompts.encode_system(self.model.tokenizer, system) + self.question_head,
@@ -96,11 +111,12 @@ class Engine:
     head = len(self.question_head)
     return [np.asarray(self._suffixes[int(j)][head:], np.int32) for j in items]
 
-  def questions(self, items: np.ndarray) -> scoring.QuestionBatches:
-    key = tuple(int(j) for j in items)
+  def questions(self, items: np.ndarray, content_free: bool = False) -> scoring.QuestionBatches:
+    """The items' questions (then the content-free ones, if asked) as prebuilt batches."""
+    key = (tuple(int(j) for j in items), content_free)
     if key not in self._questions:
-      self._questions[key] = scoring.QuestionBatches.build(self.question_tokens(items),
-                                                           self.question_batch)
+      tokens = self.question_tokens(items) + (self._content_free if content_free else [])
+      self._questions[key] = scoring.QuestionBatches.build(tokens, self.question_batch)
     return self._questions[key]
 
   def prefix_batch(self, context_length: int) -> int:
@@ -123,7 +139,8 @@ class Engine:
         scoring.bucket_length(max(item_lengths)), budget, dtype_bytes)
 
   def score(self, contexts: Sequence[np.ndarray], items: np.ndarray, *,
-            steering: jax.Array | None = None, pairs: np.ndarray | None = None) -> np.ndarray:
+            steering: jax.Array | None = None, pairs: np.ndarray | None = None,
+            content_free: bool = False):
     """Option log-probabilities `f32[N, len(items), 5]` (letters A..E, full vocabulary).
 
     Args:
@@ -131,15 +148,24 @@ class Engine:
       items: 0-based item indices asked after every context.
       steering: None or `f32[len(contexts), alphas, layers, heads, head_dim]` on the device.
       pairs: `int[N, 2]` (context, alpha) rows; default all of them (see `scoring`).
+      content_free: also score the content-free questions in the same call (one more question
+        batch) and return `(log_probs, prior)`, prior `f32[N, 5]` the letter prior of each row
+        (`readout.content_free_prior`).
     """
-    return scoring.score_contexts(
-        self.model.params, self.model.config, contexts, self.questions(items), self.option_ids,
-        steering=steering, pairs=pairs, question_batch=self.question_batch,
+    out = scoring.score_contexts(
+        self.model.params, self.model.config, contexts, self.questions(items, content_free),
+        self.option_ids, steering=steering, pairs=pairs, question_batch=self.question_batch,
         prefix_batch=self.prefix_batch(max(map(len, contexts))))
+    if not content_free:
+      return out
+    return out[:, :len(items)], readout.content_free_prior(out[:, len(items):])
 
-  def score_systems(self, systems: Sequence[str], items: np.ndarray) -> np.ndarray:
-    """Unsteered option log-probabilities `f32[len(systems), len(items), 5]`."""
-    return self.score([self.context_tokens(s) for s in systems], items)
+  def score_systems(self, systems: Sequence[str], items: np.ndarray, *,
+                    content_free: bool = False):
+    """Unsteered option log-probabilities `f32[len(systems), len(items), 5]` (and the
+    content-free prior `[len(systems), 5]` when asked)."""
+    return self.score([self.context_tokens(s) for s in systems], items,
+                      content_free=content_free)
 
   def _activations_path(self) -> pathlib.Path:
     return (self.cache_dir / "activations"

@@ -37,7 +37,9 @@ def stored(directory):
 def with_heldout_answers_changed(subjects):
   answers = subjects.answers.copy()
   heldout = data.load_split().heldout
-  answers[:, heldout] = np.where(answers[:, heldout] > 0, 6 - answers[:, heldout], 4)
+  # A rotation (1->2, ..., 5->1), not a mirror: |3 - a| changes too, so even an all-3 prediction
+  # scores differently.
+  answers[:, heldout] = np.where(answers[:, heldout] > 0, answers[:, heldout] % 5 + 1, 4)
   return data.Subjects(subjects.ids, answers)
 
 
@@ -163,11 +165,16 @@ def test_honest_path_never_reads_test_answers_end_to_end(tiny_model_dir, tmp_pat
   for sid in subjects.ids:
     a, b = original[(sid, "pas")], changed[(sid, "pas")]
     assert a["alpha"] == b["alpha"] and a["fold_error"] == b["fold_error"]
-    for decoding in readout.DECODINGS:
+    # Every readout, and the one chosen per subject on the known items, predicts the same.
+    assert set(a["decodings"]) == {"chosen", *readout.DECODINGS}
+    assert a["decodings"]["chosen"]["decoding"] == b["decodings"]["chosen"]["decoding"]
+    for decoding in a["decodings"]:
       assert a["decodings"][decoding]["predictions"] == b["decodings"][decoding]["predictions"]
       assert a["decodings"][decoding]["sum"] != b["decodings"][decoding]["sum"]  # scored anew
     fa, fb = original[(sid, "few_shot")], changed[(sid, "few_shot")]
-    assert fa["decodings"]["argmax"]["predictions"] == fb["decodings"]["argmax"]["predictions"]
+    for decoding in fa["decodings"]:
+      assert (fa["decodings"][decoding]["predictions"]
+              == fb["decodings"][decoding]["predictions"])
     assert (original[(sid, "pas_oracle_test")]["test_error_by_alpha"]
             != changed[(sid, "pas_oracle_test")]["test_error_by_alpha"])
 
@@ -185,14 +192,35 @@ def test_kept_heads_and_directions_ignore_test_answers(tiny_engine, two_subjects
     assert a.test_error != b.test_error
 
 
-def test_all_neutral_subject_gets_alpha_zero(tiny_engine):
+def test_all_neutral_subject_gets_alpha_zero_and_no_matching(tiny_engine):
   answers = np.zeros((1, data.NUM_ITEMS), np.int8)
   answers[0, data.load_split().known] = 3
   (result,) = align(tiny_engine, data.Subjects(("neutral",), answers),
                     **{"pas.alphas": (0.0, 16.0)})
   assert not result.valid and not result.head_mask.any()
-  assert result.chosen_alpha["kfold_known"] == {"argmax": 0.0, "median": 0.0}
+  assert set(result.chosen_alpha["kfold_known"].values()) == {0.0}
   assert np.isfinite(result.test_log_probs[0.0]).all()
+  # Nothing to match a distribution to: `matched` falls back to the median, and says so.
+  predicted, note = result.decoded(0.0, "matched")
+  np.testing.assert_array_equal(predicted, result.predictions(0.0, "median"))
+  assert "median instead" in note
+  from palign_jax.protocol import records
+  (record,) = records.pas_records(result, answers[0], ["few_shot"])
+  assert "median instead" in record["decodings"]["matched"]["note"]
+  assert "note" not in record["decodings"]["argmax"]
+
+
+def test_content_free_scores_cost_one_extra_question_batch(tiny_engine):
+  for n in (10, 40, 180):
+    items = data.load_split().heldout[:n]
+    plain = len(tiny_engine.questions(items).tokens)
+    with_prior = len(tiny_engine.questions(items, content_free=True).tokens)
+    assert with_prior - plain <= 1
+  contexts = [tiny_engine.context_tokens(prompts.DEFAULT_SYSTEM_PROMPT)]
+  items = data.load_split().heldout[:4]
+  log_probs, prior = tiny_engine.score(contexts, items, content_free=True)
+  np.testing.assert_allclose(log_probs, tiny_engine.score(contexts, items), atol=1e-5)
+  np.testing.assert_allclose(np.exp(prior).sum(-1), 1.0, rtol=1e-6)
 
 
 def test_bad_settings_are_user_errors(tiny_engine, two_subjects):
@@ -218,10 +246,14 @@ def test_evaluate_resumes_and_reports_agree(tiny_model_dir, tmp_path, monkeypatc
   assert {r["method"] for r in records} == expected_methods
   assert len(records) == 2 * len(expected_methods)
   # The report is computed from the records.
-  for method in ("few_shot", "ridge_cv"):
-    sums = [r["decodings"][next(iter(r["decodings"]))]["sum"] for r in records
-            if r["method"] == method]
+  for method, headline in (("few_shot", "chosen"), ("ridge_cv", "-"), ("zero_shot", "argmax")):
+    sums = [r["decodings"][headline]["sum"] for r in records if r["method"] == method]
     assert results["methods"][method]["mean"]["sum"] == pytest.approx(np.mean(sums))
+  for decoding in readout.DECODINGS:  # every readout is a row of its own
+    sums = [r["decodings"][decoding]["sum"] for r in records if r["method"] == "pas"]
+    assert results["methods"][f"pas [{decoding}]"]["mean"]["sum"] == pytest.approx(np.mean(sums))
+  assert "matched" not in next(r for r in records if r["method"] == "personality_prompt")[
+      "decodings"]
   table = (out / "results.md").read_text()
   assert "pas_oracle_test" in table and "letter mass" in table
   # The letter mass is that of the model's letters: below 1 (a random model spreads its
@@ -281,7 +313,7 @@ def test_align_and_evaluate_agree(tiny_model_dir, tmp_path):
   from launch import align, evaluate
   config = tiny_run_config(tiny_model_dir, methods="pas", plots=False)
   evaluate.run(config, str(tmp_path / "evaluate"))
-  for decoding in readout.DECODINGS:
+  for decoding in ("chosen", "argmax"):
     config.pas.decoding = decoding
     aligned = align.run(config, str(tmp_path / f"align-{decoding}"))
     evaluated = stored(tmp_path / "evaluate")

@@ -83,31 +83,43 @@ def llm_records(engine, subjects: data.Subjects, methods: Sequence[str],
   subject) are computed once per run.
   """
   progress = progress or (lambda _: None)
-  heldout = data.load_split().heldout
+  split = data.load_split()
+  decodings = settings.decodings
   if "zero_shot" in methods:
     if "log_probs" not in zero_shot_cache:
+      # One context for everybody: the held-out and the known items are scored once per run;
+      # the known items feed the `matched` readout (their answers are never in this context).
       progress("zero_shot")
       start = time.perf_counter()
-      zero_shot_cache["log_probs"] = engine.score_systems([prompts.DEFAULT_SYSTEM_PROMPT],
-                                                          heldout)[0]
-      zero_shot_cache["seconds"] = time.perf_counter() - start
+      items = np.concatenate([split.heldout, split.known])
+      log_probs, prior = engine.score_systems([prompts.DEFAULT_SYSTEM_PROMPT], items,
+                                              content_free=True)
+      zero_shot_cache.update(log_probs=log_probs[0, :len(split.heldout)],
+                             known_log_probs=log_probs[0, len(split.heldout):], prior=prior[0],
+                             seconds=time.perf_counter() - start)
     for sid, answers in zip(subjects.ids, subjects.answers, strict=True):
-      yield records_lib.log_probs_record(sid, "zero_shot", zero_shot_cache["log_probs"], answers,
-                                         seconds_per_subject=zero_shot_cache["seconds"],
-                                         seconds_note="once per run, shared by all subjects")
+      yield records_lib.log_probs_record(
+          sid, "zero_shot", zero_shot_cache["log_probs"], answers, decodings,
+          prior=zero_shot_cache["prior"], known_log_probs=zero_shot_cache["known_log_probs"],
+          seconds_per_subject=zero_shot_cache["seconds"],
+          seconds_note="once per run, shared by all subjects")
   if "personality_prompt" in methods:
     descriptions = data.load_descriptions()
     have = [k for k, sid in enumerate(subjects.ids) if sid in descriptions]
     if have:
       progress("personality_prompt")
       start = time.perf_counter()
-      log_probs = engine.score_systems(
+      log_probs, prior = engine.score_systems(
           [prompts.description_system_prompt(descriptions[subjects.ids[k]]) for k in have],
-          heldout)
+          split.heldout, content_free=True)
       seconds = (time.perf_counter() - start) / len(have)
+      # `matched` would need this context's scores on the known items: 120 more questions
+      # per subject, so P² is read out without it.
+      p2_decodings = [d for d in decodings if d != "matched"]
       for row, k in enumerate(have):
-        yield records_lib.log_probs_record(subjects.ids[k], "personality_prompt", log_probs[row],
-                                           subjects.answers[k], seconds_per_subject=seconds)
+        yield records_lib.log_probs_record(
+            subjects.ids[k], "personality_prompt", log_probs[row], subjects.answers[k],
+            p2_decodings, prior=prior[row], seconds_per_subject=seconds)
   wanted = [m for m in SWEEP_METHODS if m in methods]
   if wanted:
     alignments = alignment_lib.align_subjects(
@@ -119,9 +131,14 @@ def llm_records(engine, subjects: data.Subjects, methods: Sequence[str],
                                          seconds_per_subject=seconds)
 
 
-def row_name(method: str, decoding: str) -> str:
-  """The table row of a (method, decoding): the paper's argmax is the plain method name."""
-  return method if decoding in ("-", readout.DECODINGS[0]) else f"{method} [{decoding}]"
+def row_name(method: str, decoding: str, decodings: Sequence[str] = ()) -> str | None:
+  """The table row of a (method, decoding). The plain method name is its headline readout: the
+  decoding chosen per subject on the known items ("chosen") where the method has one, else the
+  paper's argmax; every other decoding is `method [decoding]`."""
+  headline = records_lib.CHOSEN if records_lib.CHOSEN in decodings else readout.DECODINGS[0]
+  if decoding in ("-", headline):
+    return method
+  return f"{method} [{decoding}]"
 
 
 def summaries_from_records(records: Sequence[dict], methods: Sequence[str],
@@ -136,7 +153,7 @@ def summaries_from_records(records: Sequence[dict], methods: Sequence[str],
     if not rows:
       continue
     for decoding in rows[0]["decodings"]:
-      name = row_name(method, decoding)
+      name = row_name(method, decoding, rows[0]["decodings"])
       entries = [r["decodings"][decoding] for r in rows]
       errors = np.array([[np.nan if e["errors"][t] is None else e["errors"][t]
                           for t in data.TRAITS] for e in entries], np.float64)

@@ -43,6 +43,8 @@ class AlignSettings:
   alphas: tuple[float, ...]  # sorted, distinct, including 0
   folds: int
   seed: int
+  decodings: tuple[str, ...]  # readouts scored (see `readout`)
+  choice: str  # "kfold" (decoding chosen per subject on the known items) or a fixed decoding
 
   @classmethod
   def from_config(cls, config, num_heads_total: int) -> AlignSettings:
@@ -56,11 +58,21 @@ class AlignSettings:
     if int(pas.folds) < 2:
       raise UserInputError(f"config.pas.folds: {pas.folds} folds leave nothing to validate on; "
                            "use 2 or more")
+    decodings = tuple(d.strip() for d in str(config.readout.decodings).split(",") if d.strip())
+    unknown = [d for d in decodings if d not in readout.DECODINGS]
+    if unknown or not decodings:
+      raise UserInputError(f"config.readout.decodings: {unknown or decodings} is not a list of "
+                           f"{', '.join(readout.DECODINGS)}")
+    choice = str(config.readout.choice)
+    if choice != "kfold" and choice not in decodings:
+      raise UserInputError(f"config.readout.choice: {choice!r} is neither 'kfold' nor one of "
+                           f"the decodings {decodings}")
     return cls(fit=pas_fit.FitSettings(
         top_k=top_k, c=float(probe.c), val_fraction=float(probe.val_fraction),
         split_by=str(probe.split_by), min_items=int(probe.min_items),
         max_iter=int(probe.max_iter), tol=float(probe.tol)),
-        alphas=alphas, folds=int(pas.folds), seed=int(config.seed))
+        alphas=alphas, folds=int(pas.folds), seed=int(config.seed), decodings=decodings,
+        choice=choice)
 
 
 @dataclasses.dataclass
@@ -75,15 +87,29 @@ class SubjectAlignment:
   directions: np.ndarray  # f32[layers, heads, head_dim]: unit mass-mean directions
   sigma: np.ndarray  # f32[layers, heads]
   heldout: np.ndarray  # int[items]: the 0-based test items
+  known_answers: np.ndarray  # int[120]: the subject's known answers (0 = missing)
+  decodings: tuple[str, ...]  # the readouts scored
   fold_error: dict[str, list[float]]  # decoding -> [A] k-fold error on the known items
   chosen_alpha: dict[str, dict[str, float]]  # selection -> decoding -> alpha
+  chosen_decoding: dict[str, str]  # "pas" / "few_shot" -> the decoding of their headline row
   test_log_probs: dict[float, np.ndarray]  # alpha -> f32[items, 5], only the alphas scored
+  test_prior: dict[float, np.ndarray]  # alpha -> f32[5] content-free prior of that context
+  known_log_probs: dict[float, np.ndarray]  # alpha -> f32[120, 5] known items, out of fold
   test_error: dict[str, dict[float, float]]  # decoding -> alpha -> error sum (if answers known)
   work: dict  # what was computed (alphas, items, contexts) and seconds per stage (batch totals)
 
+  def decoded(self, alpha: float, decoding: str) -> tuple[np.ndarray, str | None]:
+    """`(int[items] answers 1..5 on the test items at a scored alpha, fallback note)`."""
+    alpha = float(alpha)
+    match = None
+    if alpha in self.known_log_probs:
+      match = (self.known_log_probs[alpha], self.known_answers)
+    return readout.decode(self.test_log_probs[alpha], decoding,
+                          prior=self.test_prior.get(alpha), match=match)
+
   def predictions(self, alpha: float, decoding: str) -> np.ndarray:
     """`int[items]` answers 1..5 on the test items at a scored alpha."""
-    return readout.answers(self.test_log_probs[float(alpha)], decoding)
+    return self.decoded(alpha, decoding)[0]
 
   def steering(self, alpha: float) -> np.ndarray:
     """`f32[layers, heads, head_dim]`: alpha * sigma * direction on the kept heads."""
@@ -165,30 +191,54 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
 
   full_fit = stages.run("probes", "PAS fit on the known items", fit, known, 0)
 
+  decodings = settings.decodings
   fold_error: dict[str, np.ndarray] = {}
   chosen: dict[str, dict[str, np.ndarray]] = {}
+  choice: dict[str, list[tuple[str, int]]] = {}  # row -> per subject (decoding, alpha index)
+  known_log_probs = np.zeros((len(known), 0, len(split.known), 5), np.float32)
   if "kfold_known" in selections:
     fold = fold_of_known_items(settings.folds, settings.seed)
-    totals = {d: np.zeros((len(known), len(alphas))) for d in readout.DECODINGS}
-    counts = np.zeros((len(known), 1))
+    known_log_probs = np.zeros((len(known), len(alphas), len(split.known), 5), np.float32)
+    fold_prior = np.zeros((len(known), settings.folds, len(alphas), 5))
     for f in range(settings.folds):
       in_fold = fold == f
       visible = np.where(in_fold[None, :], 0, known)
       fold_fit = stages.run("fold_probes", f"fold {f + 1}/{settings.folds}: PAS fit", fit,
                             visible, f + 1)
-      log_probs = stages.run(
+      log_probs, prior = stages.run(
           "fold_sweep", f"fold {f + 1}/{settings.folds}: {len(alphas)} alphas x "
           f"{int(in_fold.sum())} items", engine.score, _contexts(engine, visible),
-          split.known[in_fold], steering=pas_fit.steering_vectors(fold_fit, alphas))
-      log_probs = log_probs.reshape(len(known), len(alphas), int(in_fold.sum()), -1)
-      actual = known[:, None, in_fold]
-      answered = actual > 0
-      for d in readout.DECODINGS:
-        predicted = readout.answers(log_probs, d)
-        totals[d] += np.where(answered, np.abs(predicted - actual), 0).sum(-1)
-      counts += answered[:, 0].sum(-1, keepdims=True)
-    fold_error = {d: totals[d] / np.maximum(counts, 1) for d in readout.DECODINGS}
-    chosen["kfold_known"] = {d: np.argmin(fold_error[d], axis=1) for d in readout.DECODINGS}
+          split.known[in_fold], steering=pas_fit.steering_vectors(fold_fit, alphas),
+          content_free=True)
+      known_log_probs[:, :, in_fold] = log_probs.reshape(len(known), len(alphas), -1, 5)
+      fold_prior[:, f] = prior.reshape(len(known), len(alphas), 5)
+    # Every decoding's error on each fold's items; `matched` maps them with a quantile map fitted
+    # on the other folds' items (scored without their own answers in the context).
+    totals = {d: np.zeros((len(known), len(alphas))) for d in decodings}
+    answered = known > 0
+    for s in range(len(known)):
+      for a in range(len(alphas)):
+        for f in range(settings.folds):
+          in_fold = fold == f
+          actual = known[s, in_fold]
+          for d in decodings:
+            predicted, _ = readout.decode(
+                known_log_probs[s, a, in_fold], d, prior=fold_prior[s, f, a],
+                match=(known_log_probs[s, a, ~in_fold], known[s, ~in_fold]))
+            totals[d][s, a] += np.abs(predicted - actual)[actual > 0].sum()
+    counts = np.maximum(answered.sum(1), 1)[:, None]
+    fold_error = {d: totals[d] / counts for d in decodings}
+    chosen["kfold_known"] = {d: np.argmin(fold_error[d], axis=1) for d in decodings}
+    errors = np.stack([fold_error[d] for d in decodings], 1)  # [S, decodings, A]
+    zero_best = np.argmin(errors[:, :, zero], axis=1)
+    flat_best = np.argmin(errors.reshape(len(known), -1), axis=1)  # first minimum: decoding
+    choice["few_shot"] = [(decodings[i], zero) for i in zero_best]  # order, then smaller alpha
+    choice["pas"] = [(decodings[i // len(alphas)], i % len(alphas)) for i in flat_best]
+  if settings.choice != "kfold" or "kfold_known" not in selections:
+    fixed = settings.choice if settings.choice != "kfold" else decodings[0]
+    choice["few_shot"] = [(fixed, zero)] * len(known)
+    if "kfold_known" in selections:
+      choice["pas"] = [(fixed, int(chosen["kfold_known"][fixed][s])) for s in range(len(known))]
 
   # The test sweep pays only for what is asked: alpha 0 (few-shot) and the chosen alphas, or
   # every alpha for the oracle.
@@ -201,21 +251,31 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
     wanted = [set(range(len(alphas))) for _ in range(len(known))]
   pairs = np.array([(s, a) for s in range(len(known)) for a in sorted(wanted[s])], np.int64)
   scored = np.zeros((len(pairs), len(heldout), len(prompts.OPTION_LETTERS)), np.float32)
+  priors = np.zeros((len(pairs), len(prompts.OPTION_LETTERS)))
   if len(heldout):
-    scored = stages.run("test_sweep", f"test items: {len(pairs)} (subject, alpha) contexts x "
-                        f"{len(heldout)} items", engine.score, _contexts(engine, known),
-                        heldout, steering=pas_fit.steering_vectors(full_fit, alphas),
-                        pairs=pairs)
+    scored, priors = stages.run(
+        "test_sweep", f"test items: {len(pairs)} (subject, alpha) contexts x {len(heldout)} "
+        "items", engine.score, _contexts(engine, known), heldout,
+        steering=pas_fit.steering_vectors(full_fit, alphas), pairs=pairs, content_free=True)
   test_log_probs = [{} for _ in range(len(known))]
-  for (s, a), log_probs in zip(pairs, scored, strict=True):
+  test_prior = [{} for _ in range(len(known))]
+  for (s, a), log_probs, prior in zip(pairs, scored, priors, strict=True):
     test_log_probs[s][float(alphas[a])] = log_probs
+    test_prior[s][float(alphas[a])] = prior
+
+  def matched_on(s, alpha_value):
+    index = int(np.flatnonzero(alphas == alpha_value)[0])
+    if known_log_probs.shape[1] == 0:
+      return None
+    return (known_log_probs[s, index], known[s])
 
   test_error: list[dict[str, dict[float, float]]] = [{} for _ in range(len(known))]
   if len(heldout) and (subjects.answers[:, heldout] > 0).any():
     for s in range(len(known)):
       scored_alphas = sorted(test_log_probs[s])
-      for d in readout.DECODINGS:
-        predicted = np.stack([readout.answers(test_log_probs[s][a], d) for a in scored_alphas])
+      for d in decodings:
+        predicted = np.stack([readout.decode(test_log_probs[s][a], d, prior=test_prior[s][a],
+                                             match=matched_on(s, a))[0] for a in scored_alphas])
         errors = metric.trait_errors([subjects.ids[s]] * len(scored_alphas), predicted,
                                      np.repeat(subjects.answers[s:s + 1], len(scored_alphas), 0),
                                      heldout).composite
@@ -223,10 +283,11 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
   if "oracle_test" in selections:
     chosen["oracle_test"] = {
         d: np.array([int(np.argmin(np.nan_to_num(list(test_error[s][d].values()), nan=np.inf)))
-                     for s in range(len(known))]) for d in readout.DECODINGS}
+                     for s in range(len(known))]) for d in decodings}
 
   kfold = "kfold_known" in selections
-  work = {"subjects_in_batch": len(known), "stage_seconds": dict(stages.seconds),
+  work = {"content_free_questions": len(readout.CONTENT_FREE_STATEMENTS),
+          "subjects_in_batch": len(known), "stage_seconds": dict(stages.seconds),
           "selections": list(selections), "folds": settings.folds if kfold else 0,
           "fold_alphas": [float(a) for a in alphas] if kfold else [],
           "test_items": int(len(heldout))}
@@ -237,10 +298,13 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
         num_labelled=int(full_fit.num_labelled[s]),
         head_mask=np.asarray(full_fit.head_mask[s]),
         directions=np.asarray(full_fit.directions[s]), sigma=np.asarray(full_fit.sigma[s]),
-        heldout=heldout,
+        heldout=heldout, known_answers=known[s], decodings=decodings,
         fold_error={d: [float(v) for v in e[s]] for d, e in fold_error.items()},
         chosen_alpha={sel: {d: float(alphas[i[s]]) for d, i in by.items()}
                       for sel, by in chosen.items()},
-        test_log_probs=test_log_probs[s], test_error=test_error[s],
-        work=dict(work, test_alphas=sorted(test_log_probs[s]))))
+        chosen_decoding={row: picks[s][0] for row, picks in choice.items()},
+        test_log_probs=test_log_probs[s], test_prior=test_prior[s],
+        known_log_probs={float(a): known_log_probs[s, i]
+                         for i, a in enumerate(alphas[:known_log_probs.shape[1]])},
+        test_error=test_error[s], work=dict(work, test_alphas=sorted(test_log_probs[s]))))
   return results

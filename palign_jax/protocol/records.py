@@ -1,12 +1,15 @@
 """Result records: one JSON object per (subject, method), the unit the result store keeps.
 
 A record: `{"subject", "method", "decodings": {decoding: {"predictions": [items], "errors":
-{A..O}, "sum", "n_unparsable", "n_missing_answers", "letter_mass": {"mean", "min"}}}, ...}`
-plus what the method adds (chosen alpha, how it was chosen, kept heads, seconds). The letter
-mass is the probability the model gave to the five option letters before renormalisation, over
-the items (mean and minimum). Baselines have the single decoding "-" and no letter mass.
-`pas_records` turns a `SubjectAlignment` into the few_shot, pas and pas_oracle_test records;
-`launch.evaluate` and `launch.align` both use it.
+{A..O}, "sum", "n_unparsable", "n_missing_answers", "letter_mass": {"mean", "min"}, "note"?}},
+...}` plus what the method adds (chosen alpha, how it was chosen, kept heads, seconds). The
+letter mass is the probability the model gave to the five option letters before
+renormalisation, over the items (mean and minimum); "note" says a decoding fell back to the
+median. `few_shot` and `pas` also have the decoding `"chosen"`: the readout chosen per subject by
+k-fold over the known items (or fixed in the config), with its name under "decoding"; it is
+their headline row. Baselines have the single decoding "-" and no letter mass. `pas_records`
+turns a `SubjectAlignment` into the few_shot, pas and pas_oracle_test records; `launch.evaluate`
+and `launch.align` both use it.
 """
 
 from __future__ import annotations
@@ -23,51 +26,65 @@ SWEEP_METHODS = ("few_shot", "pas", "pas_oracle_test")
 SELECTION_OF = {"pas": "kfold_known", "pas_oracle_test": "oracle_test"}
 SELECTION_LABELS = {"kfold_known": "kfold_known (k-fold over the known items; honest)",
                     "oracle_test": "oracle_test (chosen on the TEST items; optimistic)"}
+CHOSEN = "chosen"
 
 
 def _float(value: float) -> float | None:
   return None if np.isnan(value) else float(value)
 
 
-def decoded_record(subject_id: str, method: str, predictions_by_decoding: dict[str, np.ndarray],
-                   answers: np.ndarray, *, heldout: np.ndarray | None = None,
-                   log_probs_by_decoding: dict[str, np.ndarray] | None = None, **extra) -> dict:
-  """One record.
-
-  Args:
-    predictions_by_decoding: decoding -> `int[items]` answers 1..5 on `heldout`.
-    answers: `int[300]` the subject's answers (0 = missing).
-    heldout: the 0-based test items (default: the benchmark's 180).
-    log_probs_by_decoding: decoding -> `[items, 5]` the letter log-probabilities (full
-      vocabulary) the predictions were read from, for the letter mass.
-  """
+def decoded_entry(subject_id: str, predicted: np.ndarray, answers: np.ndarray, *,
+                  heldout: np.ndarray | None = None, log_probs: np.ndarray | None = None,
+                  note: str | None = None) -> dict:
+  """One decoding of a record: predictions `int[items]` on `heldout` scored against `answers`
+  (`int[300]`), and the letter mass of the `log_probs` `[items, 5]` they were read from."""
   heldout = data.load_split().heldout if heldout is None else heldout
-  decodings = {}
-  for decoding, predicted in predictions_by_decoding.items():
-    entry = {"predictions": [int(p) for p in predicted], "errors": dict.fromkeys(data.TRAITS),
-             "sum": None, "n_unparsable": 0, "n_missing_answers": 0}
-    if len(predicted):
-      scored = metric.trait_errors([subject_id], np.asarray(predicted)[None], answers[None],
-                                   heldout)
-      entry.update(errors={t: _float(scored.errors[0, k]) for k, t in enumerate(data.TRAITS)},
-                   sum=_float(scored.composite[0]),
-                   n_unparsable=int(scored.n_unparsable[0]),
-                   n_missing_answers=int(scored.n_missing_answers[0]))
-    log_probs = (log_probs_by_decoding or {}).get(decoding)
-    if log_probs is not None and len(log_probs):
-      mass = readout.letter_mass(log_probs)
-      entry["letter_mass"] = {"mean": float(mass.mean()), "min": float(mass.min())}
-    decodings[decoding] = entry
+  entry = {"predictions": [int(p) for p in predicted], "errors": dict.fromkeys(data.TRAITS),
+           "sum": None, "n_unparsable": 0, "n_missing_answers": 0}
+  if len(predicted):
+    scored = metric.trait_errors([subject_id], np.asarray(predicted)[None], answers[None],
+                                 heldout)
+    entry.update(errors={t: _float(scored.errors[0, k]) for k, t in enumerate(data.TRAITS)},
+                 sum=_float(scored.composite[0]), n_unparsable=int(scored.n_unparsable[0]),
+                 n_missing_answers=int(scored.n_missing_answers[0]))
+  if log_probs is not None and len(log_probs):
+    mass = readout.letter_mass(log_probs)
+    entry["letter_mass"] = {"mean": float(mass.mean()), "min": float(mass.min())}
+  if note:
+    entry["note"] = note
+  return entry
+
+
+def decoded_record(subject_id: str, method: str, predictions_by_decoding: dict[str, np.ndarray],
+                   answers: np.ndarray, *, heldout: np.ndarray | None = None, **extra) -> dict:
+  """A record from predictions alone (the non-LLM baselines)."""
+  decodings = {d: decoded_entry(subject_id, p, answers, heldout=heldout)
+               for d, p in predictions_by_decoding.items()}
   return {"subject": subject_id, "method": method, "decodings": decodings, **extra}
 
 
 def log_probs_record(subject_id: str, method: str, log_probs: np.ndarray, answers: np.ndarray,
-                     **extra) -> dict:
-  """A record of an LLM method from its letter log-probabilities, in every decoding."""
-  return decoded_record(subject_id, method,
-                        {d: readout.answers(log_probs, d) for d in readout.DECODINGS}, answers,
-                        log_probs_by_decoding=dict.fromkeys(readout.DECODINGS, log_probs),
-                        **extra)
+                     decodings: Sequence[str], *, prior: np.ndarray | None = None,
+                     known_log_probs: np.ndarray | None = None,
+                     heldout: np.ndarray | None = None, **extra) -> dict:
+  """A record of an LLM method from its letter log-probabilities, in every decoding.
+
+  prior: `[5]` the content-free prior of the context (calibrated decodings);
+  known_log_probs: `[120, 5]` the same model's scores on the known items without their answers
+    in the context (`matched`, fitted against the subject's known answers).
+  """
+  known = answers[data.load_split().known]
+  match = None if known_log_probs is None else (known_log_probs, known)
+  entries = {}
+  for d in decodings:
+    predicted, note = readout.decode(log_probs, d, prior=prior, match=match)
+    entries[d] = decoded_entry(subject_id, predicted, answers, heldout=heldout,
+                               log_probs=log_probs, note=note)
+  return {"subject": subject_id, "method": method, "decodings": entries, **extra}
+
+
+def _with_chosen(entries: dict, decoding: str) -> dict:
+  return {CHOSEN: dict(entries[decoding], decoding=decoding), **entries}
 
 
 def pas_records(alignment: SubjectAlignment, answers: np.ndarray, methods: Sequence[str],
@@ -77,21 +94,32 @@ def pas_records(alignment: SubjectAlignment, answers: np.ndarray, methods: Seque
   records = []
   common = {"num_labelled": alignment.num_labelled, "probe_valid": alignment.valid,
             "work": alignment.work, **extra}
-  heldout = alignment.heldout
+  sid, heldout = alignment.subject_id, alignment.heldout
+
+  def entry(alpha, decoding):
+    predicted, note = alignment.decoded(alpha, decoding)
+    return decoded_entry(sid, predicted, answers, heldout=heldout,
+                         log_probs=alignment.test_log_probs[float(alpha)], note=note)
+
   if "few_shot" in methods:
-    records.append(log_probs_record(alignment.subject_id, "few_shot",
-                                    alignment.test_log_probs[0.0], answers, heldout=heldout,
-                                    alpha=0.0, **common))
+    entries = {d: entry(0.0, d) for d in alignment.decodings}
+    if "few_shot" in alignment.chosen_decoding:
+      entries = _with_chosen(entries, alignment.chosen_decoding["few_shot"])
+    records.append({"subject": sid, "method": "few_shot", "decodings": entries, "alpha": 0.0,
+                    **common})
   for method in ("pas", "pas_oracle_test"):
     selection = SELECTION_OF[method]
     if method not in methods or selection not in alignment.chosen_alpha:
       continue
     alpha = alignment.chosen_alpha[selection]
-    predictions = {d: alignment.predictions(a, d) for d, a in alpha.items()}
-    record = decoded_record(
-        alignment.subject_id, method, predictions, answers, heldout=heldout,
-        log_probs_by_decoding={d: alignment.test_log_probs[a] for d, a in alpha.items()},
-        alpha=alpha, alpha_selection=SELECTION_LABELS[selection], **common)
+    entries = {d: entry(a, d) for d, a in alpha.items()}
+    record = {"subject": sid, "method": method, "alpha": dict(alpha),
+              "alpha_selection": SELECTION_LABELS[selection], **common}
+    if method == "pas" and "pas" in alignment.chosen_decoding:
+      decoding = alignment.chosen_decoding["pas"]
+      entries = _with_chosen(entries, decoding)
+      record["alpha"][CHOSEN] = alpha[decoding]
+    record["decodings"] = entries
     if selection == "kfold_known":
       record["fold_error"] = alignment.fold_error
     record["test_error_by_alpha"] = {d: {str(a): e for a, e in by.items()}
