@@ -140,7 +140,7 @@ class Engine:
 
   def score(self, contexts: Sequence[np.ndarray], items: np.ndarray, *,
             steering: jax.Array | None = None, pairs: np.ndarray | None = None,
-            content_free: bool = False):
+            content_free: bool = False, adapters: dict | None = None):
     """Option log-probabilities `f32[N, len(items), 5]` (letters A..E, full vocabulary).
 
     Args:
@@ -151,11 +151,13 @@ class Engine:
       content_free: also score the content-free questions in the same call (one more question
         batch) and return `(log_probs, prior)`, prior `f32[N, 5]` the letter prior of each row
         (`readout.content_free_prior`).
+      adapters: None or per-context LoRA factors, every leaf `[len(contexts), layers, ...]`
+        (`scoring.score_contexts`; e.g. `protocol.dpo` adapters).
     """
     out = scoring.score_contexts(
         self.model.params, self.model.config, contexts, self.questions(items, content_free),
         self.option_ids, steering=steering, pairs=pairs, question_batch=self.question_batch,
-        prefix_batch=self.prefix_batch(max(map(len, contexts))))
+        prefix_batch=self.prefix_batch(max(map(len, contexts))), adapters=adapters)
     if not content_free:
       return out
     return out[:, :len(items)], readout.content_free_prior(out[:, len(items):])

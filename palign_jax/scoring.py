@@ -7,7 +7,8 @@ one key/value cache and scores every question against each of them, reading the
 log-probabilities of the option-letter tokens under the full vocabulary. Steering applies to
 the context too, so every (subject, alpha) pair gets its own cache; the steering tensor
 `[contexts, alphas, layers, heads, head_dim]` stays on the device and the batch's rows are
-gathered there.
+gathered there. Per-context LoRA adapters (a DPO-trained model per subject, `[contexts, ...]`
+on every leaf) are gathered the same way and apply to the context and the questions alike.
 
 Shapes are bucketed (`bucket_length`; pairs are sorted by context length and questions by
 length so that each batch pads little) and batches padded to fixed sizes, so a run compiles a
@@ -27,7 +28,7 @@ import numpy as np
 
 from palign_jax.errors import UserInputError
 from palign_jax.models.config import ModelConfig
-from palign_jax.models.llama import KVCache, forward
+from palign_jax.models.llama import KVCache, check_adapters, forward
 from palign_jax.models.params import Params
 
 PREFILL_SPLIT_MIN = 512  # prefixes at least this long are encoded in two halves
@@ -106,14 +107,26 @@ def _check_steering(steering, config: ModelConfig, leads: Sequence[tuple[int, ..
                        "([..., layers, heads, head_dim])")
 
 
+def _check_context_adapters(adapters, config: ModelConfig, contexts: int, what: str) -> None:
+  """Raises unless every adapter leaf is `[contexts, layers, ...]` for this model."""
+  try:
+    lead = check_adapters(adapters, config)
+  except ValueError as err:
+    raise UserInputError(f"{what}: {err}") from None
+  if lead != contexts:
+    raise UserInputError(f"{what}: adapters need a leading axis of {contexts} (one per "
+                         f"context), got {lead}")
+
+
 # --- jitted kernels ---------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def encode_prefixes(params: Params, config: ModelConfig, tokens: jax.Array, lengths: jax.Array,
-                    steering: jax.Array | None = None) -> KVCache:
+                    steering: jax.Array | None = None, adapters: dict | None = None) -> KVCache:
   """Encodes right-padded prefixes into a cache.
 
-  tokens int32[P, S], lengths int32[P], steering [P, layers, heads, head_dim] or None
+  tokens int32[P, S], lengths int32[P], steering [P, layers, heads, head_dim] or None,
+  adapters None or LoRA factors with a leading [P] axis (`llama.forward`)
   -> KVCache keys/values [layers, P, S, kv_heads, head_dim], mask bool[P, S].
 
   A long prefix is encoded in two halves, the second attending to the first's cache: causal
@@ -125,15 +138,15 @@ def encode_prefixes(params: Params, config: ModelConfig, tokens: jax.Array, leng
   mask = jnp.arange(S)[None] < lengths[:, None]
   if S < PREFILL_SPLIT_MIN or S % 2:
     return forward(params, config, tokens, None, attention_mask=mask, steering=steering,
-                   return_logits=False, return_kv=True).kv_cache
+                   return_logits=False, return_kv=True, adapters=adapters).kv_cache
   half = S // 2
   positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (P, S))
   first = forward(params, config, tokens[:, :half], positions[:, :half],
                   attention_mask=mask[:, :half], steering=steering, return_logits=False,
-                  return_kv=True).kv_cache
+                  return_kv=True, adapters=adapters).kv_cache
   second = forward(params, config, tokens[:, half:], positions[:, half:],
                    attention_mask=mask[:, half:], kv_cache=first, steering=steering,
-                   return_logits=False, return_kv=True).kv_cache
+                   return_logits=False, return_kv=True, adapters=adapters).kv_cache
   join = lambda a, b: jnp.concatenate([a, b], axis=2)
   return KVCache(join(first.keys, second.keys), join(first.values, second.values), mask)
 
@@ -141,27 +154,31 @@ def encode_prefixes(params: Params, config: ModelConfig, tokens: jax.Array, leng
 @functools.partial(jax.jit, static_argnames=("config",))
 def score_on_prefixes(params: Params, config: ModelConfig, cache: KVCache,
                       prefix_lengths: jax.Array, tokens: jax.Array, lengths: jax.Array,
-                      option_ids: jax.Array, steering: jax.Array | None = None) -> jax.Array:
+                      option_ids: jax.Array, steering: jax.Array | None = None,
+                      adapters: dict | None = None) -> jax.Array:
   """Scores right-padded continuations of each cached prefix at their last real token.
 
   cache: from `encode_prefixes` ([layers, P, S, ...]); prefix_lengths int32[P];
   tokens int32[Q, T] and lengths int32[Q], shared by every prefix; option_ids int32[O];
-  steering [P, layers, heads, head_dim] or None
+  steering [P, layers, heads, head_dim] or None; adapters None or with a leading [P] axis (the
+  same as the cache was encoded with)
   -> f32[P, Q, O]: log-probabilities of the option ids under the full next-token
   distribution (their total is the probability the model gives to any option).
   """
 
-  def one(keys, values, mask, prefix_length, tokens, lengths, steering):
+  def one(keys, values, mask, prefix_length, tokens, lengths, steering, adapters):
     Q, T = tokens.shape
     positions = jnp.broadcast_to(prefix_length + jnp.arange(T, dtype=jnp.int32), (Q, T))
     out = forward(params, config, tokens, positions,
                   attention_mask=jnp.arange(T)[None] < lengths[:, None],
                   kv_cache=KVCache(keys[:, None], values[:, None], mask[None]),
-                  steering=steering, logits_positions=(lengths - 1)[:, None])
+                  steering=steering, logits_positions=(lengths - 1)[:, None], adapters=adapters)
     return jnp.take(jax.nn.log_softmax(out.logits[:, 0], axis=-1), option_ids, axis=-1)
 
-  return jax.vmap(one, in_axes=(1, 1, 0, 0, None, None, None if steering is None else 0))(
-      cache.keys, cache.values, cache.mask, prefix_lengths, tokens, lengths, steering)
+  per_prefix = lambda x: None if x is None else 0
+  return jax.vmap(one, in_axes=(1, 1, 0, 0, None, None, per_prefix(steering),
+                                per_prefix(adapters)))(
+      cache.keys, cache.values, cache.mask, prefix_lengths, tokens, lengths, steering, adapters)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -257,7 +274,7 @@ def _chunks(items: Sequence, size: int) -> list:
 def score_contexts(params: Params, config: ModelConfig, contexts: Sequence,
                    questions: Sequence | QuestionBatches, option_ids, *,
                    steering: jax.Array | None = None, pairs=None, question_batch: int,
-                   prefix_batch: int) -> np.ndarray:
+                   prefix_batch: int, adapters: dict | None = None) -> np.ndarray:
   """Option log-probabilities of every question after every (context, steering) pair.
 
   Args:
@@ -272,6 +289,9 @@ def score_contexts(params: Params, config: ModelConfig, contexts: Sequence,
       (c, a) in that order (every c, with alpha index 0, when steering is None).
     question_batch: questions per compiled call.
     prefix_batch: (context, alpha) pairs encoded and scored together per compiled call.
+    adapters: None, or LoRA factors (`llama.forward`) with a leading `[C]` axis on every leaf:
+      context c's model (e.g. a subject's DPO adapter), used for its context and questions
+      at every alpha; gathered per pair on the device like steering.
   Returns:
     `f32[N, Q, O]`: log-probabilities of the options under the full next-token distribution.
   """
@@ -284,6 +304,9 @@ def score_contexts(params: Params, config: ModelConfig, contexts: Sequence,
   if steering is not None:
     _check_steering(steering, config, [(len(contexts), None)], "score_contexts")
     n_alphas = steering.shape[1]
+  if adapters is not None:
+    _check_context_adapters(adapters, config, len(contexts), "score_contexts")
+    adapters = jax.tree.map(jnp.asarray, adapters)  # to the device once, gathered there
   if pairs is None:
     pairs = np.stack(np.meshgrid(np.arange(len(contexts)), np.arange(n_alphas),
                                  indexing="ij"), -1).reshape(-1, 2)
@@ -303,12 +326,16 @@ def score_contexts(params: Params, config: ModelConfig, contexts: Sequence,
     group = pairs[chosen]
     tokens, lengths = _pad([contexts[c] for c in group[:, 0]], bucket)
     lengths = jnp.asarray(lengths)
-    rows_steering = None
+    rows_steering = rows_adapters = None
     if steering is not None:  # gathered on the device
       rows_steering = steering[jnp.asarray(group[:, 0]), jnp.asarray(group[:, 1])]
-    cache = encode_prefixes(params, config, jnp.asarray(tokens), lengths, rows_steering)
+    if adapters is not None:
+      rows = jnp.asarray(group[:, 0])
+      rows_adapters = jax.tree.map(lambda x, rows=rows: x[rows], adapters)
+    cache = encode_prefixes(params, config, jnp.asarray(tokens), lengths, rows_steering,
+                            rows_adapters)
     batches = [score_on_prefixes(params, config, cache, lengths, q_tokens, q_lengths,
-                                 option_ids, rows_steering)
+                                 option_ids, rows_steering, rows_adapters)
                for q_tokens, q_lengths in zip(questions.tokens, questions.lengths, strict=True)]
     scores.append((chosen, jnp.concatenate(batches, axis=1)))
   out = np.empty((len(pairs), len(questions.order), len(option_ids)), np.float32)

@@ -3,7 +3,8 @@
 Owns the architecture: RMSNorm, RoPE (with Llama 3 frequency scaling), grouped-query attention
 with an optional key/value prefix cache, SwiGLU MLP, tied or untied output embeddings, and the
 two PAS interventions on the per-head attention output (`BTNH`, the input of `o_proj`):
-additive steering and capture.
+additive steering and capture, and optional low-rank adapters (LoRA) on the attention
+projections as a side path for the DPO baseline.
 
 Why Flax linen: the model is a pure `Llama(config).apply({'params': params}, ...)` over the plain
 nested-dict pytree that `palign_jax.models.params` defines and every loader produces, so loading
@@ -21,6 +22,12 @@ Everything PAS needs is a plain argument of `forward`, so `vmap` can batch it:
     A cache with batch size 1 is shared by every row, without being copied (prefix-shared
     scoring).
   * `logits_positions` / `vocab_subset` compute logits only where and for what is needed.
+  * `adapters` are LoRA factors for some of q/k/v/o_proj, `{target: {"a": [layers, in, rank],
+    "b": [layers, rank, out]}}` (or with a leading batch axis on every leaf), applied as a side
+    path `y += (x a) b` next to the frozen kernel, which is never merged or copied. Inputs and
+    outputs are the projections' flattened axes: `in` is hidden (q/k/v) or heads * head_dim
+    (o), `out` is heads * head_dim (q), kv_heads * head_dim (k/v) or hidden (o). The LoRA scale
+    is folded into `b` by the caller (`palign_jax.dpo.lora.for_forward`).
 
 Numerics follow Hugging Face: RMSNorm and softmax in float32, the rest in the parameter dtype
 (float32 or bfloat16), logits returned in float32. Mistral's sliding window is not implemented
@@ -41,6 +48,7 @@ from palign_jax.models.config import ModelConfig
 from palign_jax.models.params import Params
 
 _MASKED = -1e30  # finite, so a fully masked row (a padding query) gives no NaN
+ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # projections LoRA may adapt
 
 
 class KVCache(NamedTuple):
@@ -132,6 +140,22 @@ def _attention(q, k, v, self_mask, cache=None):
   return jnp.transpose(out / denom, (0, 2, 1, 3, 4)).astype(v.dtype)  # -> [B,T,K,G,H]
 
 
+def _low_rank(adapters, name: str, x: jax.Array) -> jax.Array | None:
+  """The LoRA side path `(x a) b` of projection `name`, or None when it is not adapted.
+
+  x [B,T,in]; a [in,rank] and b [rank,out] shared by the batch, or [B,in,rank] / [B,rank,out]
+  one per row -> [B,T,out] in x's dtype. Two thin matmuls, so the adapted kernel is never
+  formed (it would be a [in, out] copy per row).
+  """
+  factors = adapters.get(name) if adapters else None
+  if factors is None:
+    return None
+  a, b = factors["a"].astype(x.dtype), factors["b"].astype(x.dtype)
+  if a.ndim == 2:
+    return jnp.einsum("BTR,RO->BTO", jnp.einsum("BTI,IR->BTR", x, a), b)
+  return jnp.einsum("BTR,BRO->BTO", jnp.einsum("BTI,BIR->BTR", x, a), b)
+
+
 class Einsum(nn.Module):
   """A projection written as a named einsum, with an optional bias on the output's last axes."""
 
@@ -178,7 +202,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention over [cache; this call's tokens], with PAS steering/capture."""
+  """Grouped-query self-attention over [cache; this call's tokens], with PAS steering/capture
+  and optional LoRA side paths on q/k/v/o_proj."""
 
   config: ModelConfig
   param_dtype: Any = jnp.float32
@@ -194,12 +219,23 @@ class Attention(nn.Module):
     wq, bq = Weights((D, N, H), (N, H) if bias else None, dt, name="q_proj")()
     wk, bk = Weights((D, K, H), (K, H) if bias else None, dt, name="k_proj")()
     wv, bv = Weights((D, K, H), (K, H) if bias else None, dt, name="v_proj")()
-    qkv = jnp.einsum("BTD,DMH->BTMH", x.astype(dt), jnp.concatenate([wq, wk, wv], axis=1))
+    x = x.astype(dt)
+    qkv = jnp.einsum("BTD,DMH->BTMH", x, jnp.concatenate([wq, wk, wv], axis=1))
     if bias:
       qkv = qkv + jnp.concatenate([bq, bk, bv], axis=0)
     q, k, v = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]  # BTNH, BTKH, BTKH
     q = _rotate(q, shared["cos"], shared["sin"])
     k = _rotate(k, shared["cos"], shared["sin"])
+    adapters = layer.get("adapters")
+    if adapters:
+      # LoRA side paths. RoPE is linear, rotate(q + d) = rotate(q) + rotate(d), so q and k's
+      # deltas are rotated on their own and added after it: the base model's ops stay exactly
+      # as without adapters, and a zero `b` reproduces the base model bit for bit.
+      dq, dk, dv = (_low_rank(adapters, name, x) for name in ("q_proj", "k_proj", "v_proj"))
+      rope = lambda d, y: _rotate(d.reshape(y.shape), shared["cos"], shared["sin"])
+      q = q if dq is None else q + rope(dq, q)
+      k = k if dk is None else k + rope(dk, k)
+      v = v if dv is None else v + dv.reshape(v.shape)
     B, T = q.shape[:2]
     q = q.reshape(B, T, K, G, H)  # query head n = k * G + g reads kv head k
     cache = None
@@ -216,6 +252,8 @@ class Attention(nn.Module):
     if shared.get("capture_positions") is not None:
       captured = heads[jnp.arange(B), shared["capture_positions"]]  # [B,N,H]
     y = Einsum((N, H, D), "BTNH,NHD->BTD", None, dt, name="o_proj")(heads)
+    if adapters and adapters.get("o_proj") is not None:
+      y = y + _low_rank(adapters, "o_proj", heads.reshape(B, T, N * H))
     return y, captured, k, v
 
 
@@ -285,7 +323,7 @@ class Llama(nn.Module):
   @nn.compact
   def __call__(self, tokens, positions, attention_mask=None, kv_cache=None, steering=None,
                capture_positions=None, logits_positions=None, vocab_subset=None,
-               return_logits=True, return_kv=False):
+               return_logits=True, return_kv=False, adapters=None):
     c, dt = self.config, self.param_dtype
     B, T = tokens.shape
     embed = Embed(c.vocab_size, c.hidden_size, dt, name="embed_tokens")
@@ -304,8 +342,12 @@ class Llama(nn.Module):
     }
     if steering is not None and steering.ndim == 4:
       steering = jnp.moveaxis(steering, 1, 0)  # [B,L,N,H] -> [L,B,N,H]: scanned over layers
+    if adapters is not None and check_adapters(adapters, c) is not None:
+      # [B,L,in,r] -> [L,B,in,r]: scanned over layers
+      adapters = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), adapters)
     layer = {  # sliced along the leading layers axis by the scan
         "steering": steering,
+        "adapters": adapters,
         "cache_k": None if kv_cache is None else kv_cache.keys,
         "cache_v": None if kv_cache is None else kv_cache.values,
     }
@@ -338,7 +380,8 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array,
             kv_cache: KVCache | None = None, steering: jax.Array | None = None,
             capture_positions: jax.Array | None = None,
             logits_positions: jax.Array | None = None, vocab_subset: jax.Array | None = None,
-            return_logits: bool = True, return_kv: bool = False) -> ForwardOutput:
+            return_logits: bool = True, return_kv: bool = False,
+            adapters: dict | None = None) -> ForwardOutput:
   """Runs the decoder on `tokens` int32[B,T] at `positions` int32[B,T] (default 0..T-1).
 
   attention_mask: bool[B,T], True for real tokens (padding is never attended to).
@@ -352,15 +395,54 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array,
   vocab_subset: int32[V'] -> logits only for those token ids.
   return_logits / return_kv: Python bools (static under jit): skip the logits; return this
     call's keys/values as a `KVCache` (mask = attention_mask) to extend or reuse as a prefix.
+  adapters: None, or LoRA factors `{target: {"a": [L, in, rank], "b": [L, rank, out]}}` for
+    targets in ADAPTER_TARGETS, every leaf with or without a leading `[B]` axis (one adapter
+    per row); see the module docstring. Zero `b` gives the same result as None.
   `config`, `return_logits`, `return_kv` must be static when this is jitted.
   """
   B, T = tokens.shape
+  if adapters is not None and check_adapters(adapters, config) not in (None, B):
+    raise ValueError(f"adapters: leading batch axis {check_adapters(adapters, config)} is "
+                     f"neither absent nor the batch size {B}")
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   dtype = params["embed_tokens"]["embedding"].dtype
   return Llama(config, dtype).apply(
       {"params": params}, tokens, positions, attention_mask, kv_cache, steering,
-      capture_positions, logits_positions, vocab_subset, return_logits, return_kv)
+      capture_positions, logits_positions, vocab_subset, return_logits, return_kv, adapters)
+
+
+def adapter_dims(config: ModelConfig, target: str) -> tuple[int, int]:
+  """`(in, out)`: the flattened input and output sizes of an adaptable projection."""
+  c = config
+  dims = {"q_proj": (c.hidden_size, c.num_heads * c.head_dim),
+          "k_proj": (c.hidden_size, c.num_kv_heads * c.head_dim),
+          "v_proj": (c.hidden_size, c.num_kv_heads * c.head_dim),
+          "o_proj": (c.num_heads * c.head_dim, c.hidden_size)}
+  if target not in dims:
+    raise ValueError(f"adapter target {target!r} is not one of {ADAPTER_TARGETS}")
+  return dims[target]
+
+
+def check_adapters(adapters: dict, config: ModelConfig) -> int | None:
+  """Raises ValueError unless `adapters` fits `config`; returns the leading batch size (None
+  when the leaves have no batch axis). Shapes only, so it runs at trace time under jit."""
+  leads = set()
+  for target, factors in adapters.items():
+    d_in, d_out = adapter_dims(config, target)
+    a, b = tuple(np.shape(factors["a"])), tuple(np.shape(factors["b"]))
+    rank = a[-1] if a else -1
+    lead = a[:-3]
+    if (len(lead) > 1 or a[-3:] != (config.num_layers, d_in, rank)
+        or b != lead + (config.num_layers, rank, d_out)):
+      raise ValueError(f"adapters[{target!r}]: a {a} and b {b} do not fit [batch?, layers, in, "
+                       f"rank] and [batch?, layers, rank, out] with layers {config.num_layers}, "
+                       f"in {d_in}, out {d_out}")
+    leads.add(lead)
+  if len(leads) > 1:
+    raise ValueError(f"adapters: every target needs the same leading batch axis, got {leads}")
+  lead = leads.pop() if leads else ()
+  return lead[0] if lead else None
 
 
 forward_jit = jax.jit(forward, static_argnames=("config", "return_logits", "return_kv"))
