@@ -38,7 +38,6 @@ import gzip
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -50,10 +49,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from common import (  # noqa: E402  (same directory)
+    ScoreLog,
+    stage,
+    steady,
+    track_compiles,
+)
+
 from configs import default  # noqa: E402
-from palign_jax import data, prompts, scoring  # noqa: E402
+from palign_jax import data, planner, prompts, scoring  # noqa: E402
 from palign_jax import engine as engine_lib  # noqa: E402
-from palign_jax.models.config import ModelConfig  # noqa: E402
 from palign_jax.pas import fit as pas_fit  # noqa: E402
 from palign_jax.protocol import alignment  # noqa: E402
 
@@ -68,126 +73,6 @@ REFERENCE_FIXED_CASE_S = (426.0, 430.0)
 # 214 s per alpha x 6 alphas x 180 / 30 items.
 REFERENCE_PAPER_PROTOCOL_S = 214.0 * 6 * 180 / 30
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-# --- timing -----------------------------------------------------------------------------------
-
-_COMPILE_SPANS: list[tuple[float, float]] = []
-
-
-def _on_duration(event: str, duration: float, **_) -> None:
-  if event.startswith("/jax/core/compile/"):
-    end = time.perf_counter()
-    _COMPILE_SPANS.append((end - duration, end))
-
-
-def compile_seconds(start: float, end: float) -> float:
-  """Seconds within [start, end] spent tracing, lowering or compiling (nested spans merged)."""
-  spans = sorted((max(a, start), min(b, end)) for a, b in _COMPILE_SPANS if b > start and a < end)
-  total, reach = 0.0, start
-  for a, b in spans:
-    if b > reach:
-      total += b - max(a, reach)
-      reach = b
-  return total
-
-
-def peak_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def device_peak_mb() -> float | None:
-  stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  return None if peak is None else peak / 2**20
-
-
-def matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
-  """Best FLOP/s of an n^3 `jnp.dot` (the peak the utilisation figures are measured against)."""
-  a = jnp.ones((n, n), dtype)
-  dot = jax.jit(lambda x: x @ x)
-  dot(a).block_until_ready()
-  best = np.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    dot(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best
-
-
-# --- FLOPs of the programs scoring.py runs ----------------------------------------------------
-
-def layer_flops(c: ModelConfig, tokens: int, keys: int) -> float:
-  """FLOPs of all decoder layers for `tokens` queries each attending to `keys` slots."""
-  linear = 2 * c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-  linear += 2 * c.num_heads * c.head_dim * c.hidden_size + 6 * c.hidden_size * c.intermediate_size
-  return c.num_layers * tokens * (linear + 4 * c.num_heads * c.head_dim * keys)
-
-
-def score_cost(c: ModelConfig, context_lengths, question_lengths, prefix_batch: int,
-               question_batch: int) -> tuple[int, float]:
-  """(real tokens, executed FLOPs) of one `scoring.score_contexts` call."""
-  q_sorted = sorted(question_lengths)
-  q_buckets = [scoring.bucket_length(max(q_sorted[i:i + question_batch]))
-               for i in range(0, len(q_sorted), question_batch)]
-  flops = 0.0
-  for chosen, bucket in scoring.plan_prefix_batches(context_lengths, prefix_batch):
-    rows = len(chosen)
-    flops += rows * layer_flops(c, bucket, bucket)
-    for t in q_buckets:  # question rows, then the full-vocabulary head at the last token
-      flops += rows * (layer_flops(c, question_batch * t, bucket + t)
-                       + 2 * c.hidden_size * c.vocab_size * question_batch)
-  tokens = sum(context_lengths) + len(context_lengths) * sum(question_lengths)
-  return tokens, flops
-
-
-def capture_cost(c: ModelConfig, lens, batch: int = 16) -> tuple[int, float]:
-  """`scoring.capture_head_outputs` (length-sorted batches, each padded to its bucket)."""
-  lens = sorted(lens)
-  buckets = [scoring.bucket_length(max(lens[i:i + batch])) for i in range(0, len(lens), batch)]
-  flops = sum(layer_flops(c, batch * b, b) for b in buckets)
-  return sum(lens), flops
-
-
-class ScoreLog:
-  """Wraps `engine.score` to log every call: times, compile time, tokens and FLOPs."""
-
-  def __init__(self, engine: engine_lib.Engine):
-    self.engine, self.calls = engine, []
-    self._score = engine.score
-    engine.score = self
-
-  def __call__(self, contexts, items, *, steering=None, pairs=None):
-    start = time.perf_counter()
-    out = self._score(contexts, items, steering=steering, pairs=pairs)
-    end = time.perf_counter()
-    if pairs is None:
-      n_alphas = 1 if steering is None else steering.shape[1]
-      pairs = np.array([(c, a) for c in range(len(contexts)) for a in range(n_alphas)])
-    lengths = [len(contexts[c]) for c, _ in pairs]
-    questions = [len(q) for q in self.engine.question_tokens(items)]
-    tokens, flops = score_cost(self.engine.config, lengths, questions,
-                               self.engine.prefix_batch(max(lengths)),
-                               self.engine.question_batch)
-    self.calls.append({"start": start, "end": end, "compile_s": compile_seconds(start, end),
-                       "tokens": tokens, "flops": flops, "pairs": len(pairs),
-                       "items": len(items)})
-    return out
-
-  def totals(self, start: float, end: float) -> dict:
-    calls = [c for c in self.calls if c["start"] >= start and c["end"] <= end]
-    return {k: sum(c[k] for c in calls) for k in ("tokens", "flops", "pairs")}
-
-
-def stage(name: str, start: float, end: float, *, tokens: float = 0, flops: float = 0,
-          subjects: int = 1, note: str = "") -> dict:
-  return {"stage": name, "wall_s": end - start, "compile_s": compile_seconds(start, end),
-          "tokens": tokens, "flops": flops, "subjects": subjects, "rss_mb": peak_rss_mb(),
-          "device_mb": device_peak_mb(), "load1": os.getloadavg()[0], "note": note}
-
-
-def steady(s: dict) -> float:
-  return max(s["wall_s"] - s["compile_s"], 1e-9)
 
 
 # --- the runs ---------------------------------------------------------------------------------
@@ -252,7 +137,7 @@ def plan_cost(engine, count: int, protocol: str, settings) -> tuple[float, set]:
   def add(contexts_per_pair, question_lengths):
     nonlocal flops
     prefix_batch = engine.prefix_batch(max(contexts_per_pair))
-    flops += score_cost(config, contexts_per_pair, question_lengths, prefix_batch,
+    flops += planner.score_cost(config, contexts_per_pair, question_lengths, prefix_batch,
                         engine.question_batch)[1]
     shapes.update(scoring.program_shapes(contexts_per_pair, question_lengths, prefix_batch,
                                          engine.question_batch))
@@ -390,11 +275,11 @@ def main():
                       help="config.scoring.question_batch")
   parser.add_argument("--save_json", help="also write the raw measurements here")
   args = parser.parse_args()
-  jax.monitoring.register_event_duration_secs_listener(_on_duration)
+  track_compiles()
   counts = [int(x) for x in args.subjects.split(",") if x]
   protocols = [p for p in args.protocols.split(",") if p]
   loads = [os.getloadavg()]
-  peaks = [matmul_peak()]
+  peaks = [planner.matmul_peak()]
   config = run_config(args)
 
   t = time.perf_counter()
@@ -409,7 +294,7 @@ def main():
   split, items = data.load_split(), data.load_items()
   lens = [len(prompts.encode_activation_prompt(engine.model.tokenizer, items.text[j], letter))
           for j in split.known for letter in engine_lib.ACTIVATION_LETTERS]
-  tokens, flops = capture_cost(engine.config, lens)
+  tokens, flops = planner.capture_cost(engine.config, lens)
   stages.append(stage("shared activations (once per model)", t, end, tokens=tokens, flops=flops,
                       note=f"{len(lens)} sequences"))
 
@@ -440,7 +325,7 @@ def main():
     for count in [int(x) for x in args.extrapolate.split(",") if x]:
       extrapolated[f"{protocol}:{count}"] = plan_cost(engine, count, protocol, settings)
   profile = profile_programs(engine) if args.profile else None
-  peaks.append(matmul_peak())
+  peaks.append(planner.matmul_peak())
   loads.append(os.getloadavg())
   peak = max(peaks)
 
@@ -494,14 +379,15 @@ def main():
         print(f"  vs the reference's paper protocol (~{REFERENCE_PAPER_PROTOCOL_S:,.0f} s per "
               f"subject, extrapolated in issue 8 from its measured 213-215 s per alpha on 30 "
               f"items): {REFERENCE_PAPER_PROTOCOL_S / (s['wall_s'] / count):.1f}x wall")
-    rate = rate_stage["flops"] / steady(rate_stage)
+    rate = rate_stage["flops"] / steady(rate_stage) if rate_stage else None
     for key, (flops, shapes) in extrapolated.items():
       if not key.startswith(protocol + ":"):
         continue
       n = int(key.split(":")[1])
-      print(f"{protocol} S={n}: EXTRAPOLATED {flops / rate / n:.1f} s per subject "
-            f"({flops / 1e12:,.1f} TFLOP planned / {rate / 1e9:.1f} GFLOP/s measured at "
-            f"S={counts[-1]}); compiles {len(shapes)} scoring programs "
+      timing = (f"EXTRAPOLATED {flops / rate / n:.1f} s per subject ({flops / 1e12:,.1f} TFLOP "
+                f"planned / {rate / 1e9:.1f} GFLOP/s measured at S={counts[-1]})" if rate else
+                f"{flops / 1e12:,.1f} TFLOP planned (nothing measured to time it)")
+      print(f"{protocol} S={n}: {timing}; compiles {len(shapes)} scoring programs "
             f"({sum(1 for x in shapes if x[0] == 'encode')} encode, "
             f"{sum(1 for x in shapes if x[0] == 'score')} score)")
   if profile:

@@ -40,6 +40,26 @@ def get_config() -> ml_collections.ConfigDict:
   config.probe.max_iter = 200  # L-BFGS iteration cap
   config.probe.tol = 1e-6  # stop when max|gradient| <= tol * C * n_train
 
+  # The DPO baseline (palign_jax/protocol/dpo.py): one LoRA adapter per subject, trained on
+  # preference pairs from the 120 known answers; the number of steps (and the learning rate,
+  # if several are given) is chosen by k-fold over the known items (config.pas.folds folds).
+  config.dpo = ml_collections.ConfigDict()
+  config.dpo.beta = 0.1  # DPO temperature (Rafailov et al.'s usual value)
+  config.dpo.rank = 8  # LoRA rank
+  config.dpo.lora_alpha = 16.0  # LoRA scale = lora_alpha / rank (Hu et al.)
+  config.dpo.targets = "q_proj,v_proj"  # attention projections adapted (any of q,k,v,o_proj)
+  # Adam learning rate(s); more than one are searched with the steps, on the known items only.
+  config.dpo.learning_rates = (5e-4,)
+  config.dpo.max_steps = 64  # optimizer steps per adapter
+  config.dpo.eval_every = 16  # candidate step counts: 0 (the base model), 16, 32, ..., max_steps
+  config.dpo.pairs_per_step = 8  # preference pairs per step and adapter
+  # Rejected option: "far_end" (the end of the scale away from the answer; a 3 gives no pair)
+  # or "all_others" (the answer over each other option).
+  config.dpo.rejected = "far_end"
+  # Seed of the adapters' initialisation and the pair order (with each subject's id);
+  # None: config.seed.
+  config.dpo.seed = config_dict.placeholder(int)
+
   config.readout = ml_collections.ConfigDict()
   # How answers are read from the letter distribution (palign_jax/readout.py), each a row.
   config.readout.decodings = "argmax,median,calibrated,calibrated_median,matched"
@@ -52,5 +72,22 @@ def get_config() -> ml_collections.ConfigDict:
   # items, 40 or 60 per fold, the 30 of the benchmark's fixed case), so no row is padding.
   config.scoring.question_batch = 10
   config.scoring.prefix_batch = 0  # (subject, alpha) contexts per call; 0 = sized to memory
+  config.mesh = ml_collections.ConfigDict()
+  # This process's devices as a data x model mesh (palign_jax/parallel.py): contexts and
+  # subjects split over data, parameters over model (tensor parallel); -1 fills the devices.
+  config.mesh.data = -1
+  config.mesh.model = 1
+  config.mesh.fsdp = False  # also split the parameters over data (FSDP), gathered per layer
+
+  config.distributed = ml_collections.ConfigDict()
+  # Several processes (hosts) share the subjects through jax.distributed. "auto" lets JAX find
+  # the cluster (TPU pods, SLURM, Open MPI); else give the coordinator's host:port, the number
+  # of processes and this one's id (0..n-1). One process needs none of it.
+  config.distributed.coordinator_address = ""
+  config.distributed.num_processes = 1
+  config.distributed.process_id = 0
+  config.distributed.auto = False
+  config.distributed.timeout_s = 300  # how long a process waits for the others to start
+
   config.plots = True
   return config

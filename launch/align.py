@@ -24,7 +24,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from palign_jax import data, prompts, readout, store
+from palign_jax import data, parallel, prompts, readout, store
 from palign_jax.errors import UserInputError
 from palign_jax.protocol import alignment as alignment_lib
 from palign_jax.protocol import profile as profile_lib
@@ -43,7 +43,12 @@ def _safe(subject_id: str) -> str:
 
 
 def run(config, output_dir: str) -> store.ResultStore:
-  """Aligns the config's subjects into `output_dir`; returns the result store."""
+  """Aligns the config's subjects into `output_dir`; returns the result store.
+
+  With several processes (`config.distributed`), each aligns its share of the subjects and
+  appends to its own records shard.
+  """
+  process, processes = common.init_distributed(config)
   selection, decoding = str(config.pas.selection), str(config.pas.decoding)
   if selection not in METHOD_OF:
     raise UserInputError(f"--config.pas.selection: {selection!r} is not one of "
@@ -63,16 +68,20 @@ def run(config, output_dir: str) -> store.ResultStore:
     raise UserInputError(f"--config.pas.decoding: {decoding!r} is not among "
                          f"--config.readout.decodings ({', '.join(settings.decodings)})")
   out = pathlib.Path(output_dir)
-  results_store = store.ResultStore(out, {
+  identity = {
       "model": {"fingerprint": engine.fingerprint, "source": engine.source,
                 "dtype": config.dtype},
       "prompt_version": prompts.PROMPT_VERSION, "seed": int(config.seed),
       "pas": {k: ([float(a) for a in v] if k == "alphas" else v)
               for k, v in config.pas.to_dict().items()},
-      "probe": config.probe.to_dict(), "readout": config.readout.to_dict()})
+      "probe": config.probe.to_dict(), "readout": config.readout.to_dict()}
+  common.check_same_run(identity, process, processes)
+  results_store = store.ResultStore(out, identity, store.shard_file(process, processes))
   method = METHOD_OF[selection]
-  pending = [s for s in subjects.ids if not results_store.has(s, method)]
-  bar = tqdm(total=len(pending), desc="aligning", unit="subject", file=sys.stderr)
+  share = parallel.subjects_of_process(subjects.ids, process, processes)
+  pending = [s for s in share if not results_store.has(s, method)]
+  bar = tqdm(total=len(pending), unit="subject", file=sys.stderr,
+             desc="aligning" if processes == 1 else f"aligning, process {process}/{processes}")
   if pending:
     bar.set_postfix_str("shared activations (once per model)")
     engine.activations()
@@ -104,6 +113,7 @@ def run(config, output_dir: str) -> store.ResultStore:
       results_store.append(record)
     bar.update(len(chunk))
   bar.close()
+  results_store.refresh()
   return results_store
 
 
@@ -116,6 +126,9 @@ def main(argv: list[str]) -> None:
   subjects = data.parse_subject_spec(str(config.subjects), data.load_papi_subjects())
   for sid in subjects.ids:
     record = results_store.get(sid, method)
+    if record is None:
+      print(f"subject {sid}: not aligned yet (another process's share; rerun to complete)")
+      continue
     used = record["decoding"]
     error = record["decodings"][used]["sum"] if record["has_test_answers"] else None
     print(f"subject {sid}: alpha={record['alpha'][used]} ({record['alpha_selection']}, "

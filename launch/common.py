@@ -148,3 +148,56 @@ def resolved_config(config_holder, **overrides):
       if value is not None:
         config[field] = value
   return config
+
+
+def init_distributed(config) -> tuple[int, int]:
+  """Joins the run's processes through `jax.distributed` when the config asks for several
+  (`config.distributed`); returns (this process's index, the number of processes)."""
+  import jax
+
+  from palign_jax.errors import UserInputError
+
+  d = config.distributed
+  if not d.auto and int(d.num_processes) <= 1:
+    return 0, 1
+  if jax.distributed.is_initialized():
+    return jax.process_index(), jax.process_count()
+  try:
+    # CPU processes exchange the start-up check over gloo (accelerators use their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if d.auto:
+      jax.distributed.initialize(initialization_timeout=int(d.timeout_s))
+    else:
+      if not d.coordinator_address:
+        raise UserInputError(f"config.distributed.num_processes={d.num_processes} needs "
+                             "config.distributed.coordinator_address (host:port of process 0)")
+      jax.distributed.initialize(d.coordinator_address, num_processes=int(d.num_processes),
+                                 process_id=int(d.process_id),
+                                 initialization_timeout=int(d.timeout_s))
+  except (RuntimeError, ValueError) as err:
+    raise UserInputError(f"config.distributed: could not join the other processes ({err})") \
+        from None
+  return jax.process_index(), jax.process_count()
+
+
+def check_same_run(identity: dict, process: int, processes: int) -> None:
+  """Refuses to start when the processes disagree on what they run (config, model, prompts):
+  their results could not be merged."""
+  if processes == 1:
+    return
+  import hashlib
+  import json
+
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from palign_jax.errors import UserInputError
+
+  digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).digest()[:8]
+  mine = np.frombuffer(digest, np.int32)  # two int32s: JAX runs without 64-bit integers
+  everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(processes, -1)
+  differ = [i for i in range(processes) if (everyone[i] != everyone[0]).any()]
+  if differ:
+    raise UserInputError(f"process {process}: processes {differ} run another configuration or "
+                         "model than process 0 (config, model fingerprint, prompts or seed "
+                         "differ); start every process with the same --config and --model")

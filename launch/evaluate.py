@@ -14,13 +14,14 @@ from launch import common
 
 common.require_runtime()  # before the imports it checks
 
+import os
 import pathlib
 import sys
 import time
 
 from tqdm import tqdm
 
-from palign_jax import data, prompts, scoring, store
+from palign_jax import data, parallel, prompts, scoring, store
 from palign_jax.errors import UserInputError
 from palign_jax.evaluation import methods as methods_lib
 from palign_jax.evaluation import plots, report
@@ -59,7 +60,13 @@ def identity_of(config, engine=None) -> dict:
 
 
 def run(config, output_dir: str) -> dict:
-  """Runs the evaluation described by `config` into `output_dir`; returns results.json."""
+  """Runs the evaluation described by `config` into `output_dir`; returns results.json.
+
+  With several processes (`config.distributed`), each runs its share of the subjects into its
+  own records shard, and each writes the report from every shard found when it finishes (the
+  last to finish writes the complete one; a report made while a share is missing says so).
+  """
+  process, processes = common.init_distributed(config)
   methods = _parse_methods(config.methods)
   subjects = data.parse_subject_spec(str(config.subjects), data.load_papi_subjects())
   llm_methods = [m for m in methods if m in methods_lib.LLM_METHODS]
@@ -76,21 +83,25 @@ def run(config, output_dir: str) -> dict:
     engine = engine_lib.Engine.from_config(config)
     settings = alignment_lib.AlignSettings.from_config(
         config, engine.config.num_layers * engine.config.num_heads)
-  results_store = store.ResultStore(output_dir, identity_of(config, engine))
+  identity = identity_of(config, engine)
+  common.check_same_run(identity, process, processes)
+  results_store = store.ResultStore(output_dir, identity, store.shard_file(process, processes))
   timing_start = time.perf_counter()
+  share = subjects.select(parallel.subjects_of_process(subjects.ids, process, processes))
 
   baseline_methods = [m for m in methods if m not in methods_lib.LLM_METHODS]
-  todo = [m for m in baseline_methods if not all(results_store.has(s, m) for s in subjects.ids)]
-  for record in methods_lib.baseline_records(subjects, todo, int(config.seed)):
+  todo = [m for m in baseline_methods if not all(results_store.has(s, m) for s in share.ids)]
+  for record in methods_lib.baseline_records(share, todo, int(config.seed)):
     if not results_store.has(record["subject"], record["method"]):
       results_store.append(record)
 
-  pending = [s for s in subjects.ids
+  pending = [s for s in share.ids
              if any(not results_store.has(s, m) for m in llm_methods)]
   if pending:
     zero_shot_cache: dict = {}
     batch = max(1, int(config.subjects_per_batch))
-    bar = tqdm(total=len(pending), desc="subjects", unit="subject", file=sys.stderr)
+    bar = tqdm(total=len(pending), unit="subject", file=sys.stderr,
+               desc="subjects" if processes == 1 else f"process {process}/{processes}")
     if any(m in methods_lib.SWEEP_METHODS for m in llm_methods):
       bar.set_postfix_str("shared activations (once per model)")
       engine.activations()
@@ -105,7 +116,8 @@ def run(config, output_dir: str) -> dict:
           results_store.append(record)  # at once: a kill never loses a finished record
       bar.update(len(chunk))
     bar.close()
-  run_info = {"wall_time_s": time.perf_counter() - timing_start}
+  results_store.refresh()  # the other processes' finished records
+  run_info = {"wall_time_s": time.perf_counter() - timing_start, "processes": processes}
   if engine is not None:
     run_info.update(activations=engine.activation_stats,
                     compiled_programs=scoring.compiled_programs())
@@ -119,27 +131,41 @@ def write_reports(results_store: store.ResultStore, methods: list[str], subjects
   summaries, extras = methods_lib.summaries_from_records(
       results_store.records(), methods, subjects.ids, seed=int(config.seed))
   notes = {name: methods_lib.METHOD_NOTES.get(name.split(" ")[0], "") for name in summaries}
+  missing = sorted({s for s in subjects.ids for m in methods if not results_store.has(s, m)})
   results = {
       "model": results_store.identity.get("model"),
       "prompt_version": prompts.PROMPT_VERSION,
       "subjects": list(subjects.ids),
+      "subjects_missing": missing,
       "methods": {name: dict(s.as_dict(), **extras[name]) for name, s in summaries.items()},
       "notes": notes,
       "run": run_info,
   }
   store.write_json(out / "results.json", results)
   table = report.markdown_table(summaries, notes=notes, extras=extras)
-  (out / "results.md").write_text(
-      f"# PAPI evaluation\n\nModel: {results['model']}\nSubjects: {len(subjects)}\n"
+  gap = (f" ({len(missing)} not finished yet: {', '.join(missing[:10])}; rerun to complete)"
+         if missing else "")
+  markdown = store.atomic_path(out / "results.md")
+  markdown.write_text(
+      f"# PAPI evaluation\n\nModel: {results['model']}\nSubjects: {len(subjects)}{gap}\n"
       "Mean absolute error on the held-out items (lower is better); 95% bootstrap CI over "
       "subjects; missing answers = held-out items the subjects left blank (not scored); letter "
       "mass = probability the model gave to the five option letters before renormalisation "
       "(mean over items and subjects / lowest item); s / subject = wall seconds of the work "
       f"that produced the row.\n\n{table}\n")
+  os.replace(markdown, out / "results.md")
   if config.plots and summaries:
-    plots.plot_errors({name: s for name, s in summaries.items() if _plotted(name)},
-                      out / "errors_by_trait.png")
-    _plot_first_profile(results_store, methods, subjects, out / "profile_first_subject.png")
+    for name, draw in (
+        ("errors_by_trait.png", lambda path: plots.plot_errors(
+            {row: s for row, s in summaries.items() if _plotted(row)}, path)),
+        ("profile_first_subject.png", lambda path: _plot_first_profile(
+            results_store, methods, subjects, path))):
+      tmp = store.atomic_path(out / name)
+      draw(tmp)
+      if tmp.stat().st_size:
+        os.replace(tmp, out / name)
+      else:
+        tmp.unlink()
   return results
 
 

@@ -1,4 +1,4 @@
-"""Results on disk: an append-only JSONL of per-(subject, method) records, resumable.
+"""Results on disk: append-only JSONL files of per-(subject, method) records, resumable.
 
 An output directory holds `run.json` (what produced the results: model
 fingerprint, configuration, prompt version) and `records.jsonl`, one JSON
@@ -7,6 +7,11 @@ object per finished (subject, method). Each record is written with a single
 most one unfinished last line; opening the store drops that fragment (it was
 never a finished result) and a rerun recomputes it. A directory made by another
 model or configuration is refused, never overwritten.
+
+Several processes share a directory through shards: process i of n appends to
+`records.process-i-of-n.jsonl` only (no two processes write one file), and
+every store reads every shard, so a report merges them and a rerun, with any
+number of processes, skips what any of them finished.
 """
 
 from __future__ import annotations
@@ -14,12 +19,19 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import tempfile
 from typing import Any
 
 from palign_jax.errors import UserInputError
 
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
+SHARD_GLOB = "records*.jsonl"
+
+
+def shard_file(process: int, processes: int) -> str:
+  """The records file of one process of a multi-process run (`records.jsonl` alone)."""
+  return RECORDS_FILE if processes == 1 else f"records.process-{process}-of-{processes}.jsonl"
 
 
 def _describe_difference(old: dict, new: dict) -> str:
@@ -32,13 +44,16 @@ def _describe_difference(old: dict, new: dict) -> str:
 class ResultStore:
   """Per-(subject, method) records of one evaluation run in `directory`."""
 
-  def __init__(self, directory: str | os.PathLike, identity: dict[str, Any]):
+  def __init__(self, directory: str | os.PathLike, identity: dict[str, Any],
+               records_file: str = RECORDS_FILE):
     """Opens or creates the store; refuses a directory made with another `identity`.
 
     Args:
       identity: JSON-able description of what produces the results (model
         fingerprint, prompt version, method settings, seed). Records are only
         comparable when it is equal.
+      records_file: the file this store appends to (`shard_file` for a process of a
+        multi-process run); the other `records*.jsonl` files are read, never written.
     """
     self.directory = pathlib.Path(directory)
     self.identity = json.loads(json.dumps(identity))
@@ -57,29 +72,44 @@ class ResultStore:
             "overwritten: choose a new --output_dir, or delete this one to start fresh.")
     else:
       _atomic_write(run_path, json.dumps(self.identity, indent=2, sort_keys=True) + "\n")
-    self.records_path = self.directory / RECORDS_FILE
+    self.records_path = self.directory / records_file
     self._records = self._load()
 
   def _load(self) -> dict[tuple[str, str], dict]:
+    """Every shard's finished records (this store's own file first truncated to whole lines)."""
     records: dict[tuple[str, str], dict] = {}
-    if not self.records_path.exists():
-      return records
-    raw = self.records_path.read_bytes()
-    complete_end = raw.rfind(b"\n") + 1
-    if complete_end < len(raw):  # an unfinished last line from an interrupted write
-      with open(self.records_path, "r+b") as f:
-        f.truncate(complete_end)
-    for number, line in enumerate(raw[:complete_end].splitlines(), start=1):
+    if self.records_path.exists():
+      raw = self.records_path.read_bytes()
+      complete_end = raw.rfind(b"\n") + 1
+      if complete_end < len(raw):  # an unfinished last line from an interrupted write
+        with open(self.records_path, "r+b") as f:
+          f.truncate(complete_end)
+    for path in sorted(self.directory.glob(SHARD_GLOB)):
+      records.update(self._read(path))
+    return records
+
+  @staticmethod
+  def _read(path: pathlib.Path) -> dict[tuple[str, str], dict]:
+    raw = path.read_bytes()
+    complete = raw[:raw.rfind(b"\n") + 1]  # another process may be writing its last line
+    records = {}
+    for number, line in enumerate(complete.splitlines(), start=1):
       if not line.strip():
         continue
       try:
         record = json.loads(line)
         key = (str(record["subject"]), str(record["method"]))
       except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserInputError(f"{self.records_path}: line {number} is not a result record "
-                             f"({e}); the file was edited by hand?") from None
+        raise UserInputError(f"{path}: line {number} is not a result record ({e}); the file "
+                             "was edited by hand?") from None
       records[key] = record
     return records
+
+  def refresh(self) -> None:
+    """Reads the records other processes appended since this store was opened."""
+    for path in sorted(self.directory.glob(SHARD_GLOB)):
+      if path != self.records_path:
+        self._records.update(self._read(path))
 
   def has(self, subject: str, method: str) -> bool:
     return (str(subject), method) in self._records
@@ -103,8 +133,17 @@ class ResultStore:
     self._records[key] = record
 
 
+def atomic_path(path: str | os.PathLike) -> pathlib.Path:
+  """A fresh temporary path next to `path`, to write into and then `os.replace` onto it (so
+  readers, and other processes writing the same file, never see half a file)."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp" + path.suffix)
+  os.close(fd)
+  return pathlib.Path(tmp)
+
+
 def _atomic_write(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp = atomic_path(path)
   tmp.write_text(text)
   os.replace(tmp, path)
 

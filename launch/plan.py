@@ -1,0 +1,171 @@
+"""Plans a PAS / evaluation run before anything is queued: FLOPs, memory per device, time.
+
+    python -m launch.plan --model=llama3_8b --subjects=300 --device=H200
+    python -m launch.plan --model=llama3_70b --subjects=1000 --device=H100 --devices=8 \\
+        --config.mesh.model=8 --config.dtype=bfloat16
+    python -m launch.plan --model=/path/to/hf_folder --subjects=300     # on this machine
+
+Needs only the model's config (a preset, or a .gguf / Hugging Face folder read without its
+weights), the run config (the same --config as launch.evaluate: methods, alphas, folds, batch
+sizes, mesh, dtype) and the target devices (this machine's by default; a CPU's matmul peak is
+measured in a second). Prompt lengths are measured with the embedded SmolLM2 tokenizer, on the
+first PAPI subjects' answers. A model that does not fit the devices' memory is reported here,
+before anything is loaded. The time is FLOPs / (devices x peak x efficiency) + compilation,
+with the efficiency measured on the CPU (planner.EFFICIENCY); see the README for how the
+estimate compared with measured runs.
+"""
+
+from __future__ import annotations
+
+from launch import common
+
+common.require_runtime()  # before the imports it checks
+
+from absl import flags
+
+from palign_jax import data, planner, scoring
+from palign_jax.errors import UserInputError
+
+_CONFIG = common.config_flag()
+_MODEL = common.shorthand_flag(
+    "model", f"a preset ({', '.join(planner.PRESETS)}) or {common.MODEL_HELP} Only the model's "
+    "config is read, never its weights.")
+_SUBJECTS = flags.DEFINE_integer("subjects", 300, "How many subjects the run aligns.")
+_DEVICE = flags.DEFINE_string(
+    "device", None, f"Plan for this kind of device ({', '.join(planner.DEVICES)}, or 'cpu'); "
+    "default: this machine's. A known kind's published bf16 peak and memory are used.")
+_DEVICES = flags.DEFINE_integer(
+    "devices", None, "Devices per process (default: this machine's count, or the mesh's size "
+    "with --device).")
+_PROCESSES = flags.DEFINE_integer("processes", 1, "Processes (hosts) sharing the subjects.")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s per device in the run's "
+                           "dtype (overrides the device table or the measured CPU peak).")
+_MEMORY = flags.DEFINE_float("memory_gb", None, "Memory per device in GiB (overrides the table).")
+
+
+def model_config(spec: str):
+  """The ModelConfig of a preset or a checkpoint's config (weights are not read)."""
+  if spec in planner.PRESETS:
+    return planner.PRESETS[spec], spec
+  from palign_jax.models import gguf, hf_loader, loading
+
+  kind, path = loading.resolve_spec(spec)
+  if kind == "gguf":
+    return gguf.config_from_gguf(gguf.open_gguf(path), str(path)), str(path)
+  return hf_loader.read_config(path), str(path)
+
+
+def target(config) -> tuple[str, int, float, float]:
+  """(kind, devices per process, peak FLOP/s, memory bytes per device)."""
+  import os
+
+  import jax
+
+  kind = _DEVICE.value or jax.devices()[0].device_kind
+  known = next((v for k, v in planner.DEVICES.items() if k.lower() in kind.lower()), None)
+  mesh_size = None
+  if int(config.mesh.data) > 0:
+    mesh_size = int(config.mesh.data) * int(config.mesh.model)
+  devices = _DEVICES.value or (mesh_size or 1 if _DEVICE.value else jax.local_device_count())
+  if known:
+    peak, memory = known[0] * 1e12, known[1] * 2**30
+  elif kind.lower() == "cpu" and jax.devices()[0].platform == "cpu":
+    peak = planner.matmul_peak(dtype=config.dtype) / jax.local_device_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / jax.local_device_count()
+  elif not (_PEAK.value and _MEMORY.value):
+    raise UserInputError(f"--device: no published peak or memory for {kind!r}; give "
+                         "--peak_tflops and --memory_gb")
+  if _PEAK.value:
+    peak = _PEAK.value * 1e12
+  if _MEMORY.value:
+    memory = _MEMORY.value * 2**30
+  return kind, devices, peak, memory
+
+
+def prompt_lengths(config, subjects: int) -> planner.PromptLengths:
+  from palign_jax import engine as engine_lib
+  from palign_jax.models import gguf, loading, tokenizer
+
+  stand_in = loading.LoadedModel(
+      config=planner.PRESETS["smollm2"], params={},
+      tokenizer=tokenizer.tokenizer_from_gguf(gguf.default_gguf_path()),
+      fingerprint="plan", source="plan")
+  engine = engine_lib.Engine(stand_in, question_batch=int(config.scoring.question_batch),
+                             prefix_batch=1)
+  papi = data.load_papi_subjects()
+  known = data.known_answers(papi)[:min(subjects, 32)]  # the lengths vary little
+  return planner.PromptLengths.measure(engine, known, int(config.pas.folds), int(config.seed))
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise UserInputError(f"unexpected arguments {argv[1:]}; see --help")
+  config = common.resolved_config(_CONFIG, model=_MODEL.value)
+  model, source = model_config(str(config.model))
+  if _SUBJECTS.value < 1:
+    raise UserInputError(f"--subjects: {_SUBJECTS.value} is not a positive count")
+  kind, devices, peak, memory = target(config)
+  model_axis = int(config.mesh.model)
+  data_axis = int(config.mesh.data) if int(config.mesh.data) > 0 else devices // model_axis
+  if data_axis * model_axis != devices:
+    raise UserInputError(f"config.mesh: data={config.mesh.data} x model={model_axis} does not "
+                         f"fill {devices} devices")
+  dtype_bytes = 2 if config.dtype in ("bfloat16", "float16") else 4
+  lengths = prompt_lengths(config, _SUBJECTS.value)
+  methods = str(config.methods).split(",")
+  oracle, honest = "pas_oracle_test" in methods, "pas" in methods or "few_shot" in methods
+  alphas, folds = len(config.pas.alphas), int(config.pas.folds)
+  question_batch = int(config.scoring.question_batch)
+  context = scoring.bucket_length(int(lengths.few_shot.max()))
+  question = scoring.bucket_length(int(lengths.heldout.max()))
+  per_process = -(-_SUBJECTS.value // _PROCESSES.value)
+  prefix_batch = int(config.scoring.prefix_batch)
+  if not prefix_batch:  # as Engine.prefix_batch sizes it on an accelerator (1 on a CPU)
+    params = planner.param_bytes_per_device(model, dtype_bytes, data_axis, model_axis,
+                                            bool(config.mesh.fsdp))
+    prefix_batch = 1 if "cpu" in kind.lower() else data_axis * scoring.auto_prefix_batch(
+        model, context, question_batch, question, max(0.5 * (memory - params), 2**28),
+        dtype_bytes)
+  calls = planner.protocol_calls(
+      lengths, subjects=per_process, subjects_per_batch=int(config.subjects_per_batch),
+      alphas=alphas, folds=folds, oracle=oracle, honest=honest)
+  plan = planner.estimate(model, calls, activation_lengths=lengths.activations,
+                          prefix_batch=prefix_batch, question_batch=question_batch,
+                          devices=devices, peak_flops=peak)
+  mem = planner.memory_per_device(
+      model, dtype_bytes=dtype_bytes, data=data_axis, model=model_axis,
+      fsdp=bool(config.mesh.fsdp), prefix_batch=prefix_batch, context_length=context,
+      question_batch=question_batch, question_length=question)
+  gib = lambda b: f"{b / 2**30:,.2f} GiB"
+  print(f"# plan: {source} ({model.num_layers} layers, hidden {model.hidden_size}, "
+        f"{config.dtype}), {_SUBJECTS.value} subjects over {_PROCESSES.value} process(es) x "
+        f"{devices} {kind} (mesh data={data_axis} x model={model_axis}"
+        f"{', fsdp' if config.mesh.fsdp else ''}); methods {config.methods}")
+  print(f"protocol: {'honest k-fold (' + str(folds) + ' folds) ' if honest else ''}"
+        f"{'+ oracle (every alpha on the test items) ' if oracle else ''}with {alphas} alphas; "
+        f"prefix batch {prefix_batch}, question batch {question_batch}; contexts "
+        f"{int(lengths.few_shot.min())}-{int(lengths.few_shot.max())} tokens")
+  print("| per process | value |\n|---|---|")
+  print(f"| executed FLOPs | {plan.flops / 1e15:,.3f} PFLOP |")
+  print(f"| tokens (real) | {plan.tokens / 1e6:,.2f} M |")
+  print(f"| compiled scoring programs | {plan.programs} |")
+  origin = "given" if _PEAK.value else "measured" if "cpu" in kind.lower() else "published"
+  print(f"| peak per device | {peak / 1e12:,.1f} TFLOP/s ({origin}) |")
+  print(f"| estimated time | {plan.seconds / 60:,.1f} min ({plan.seconds / per_process:,.1f} s "
+        f"per subject at {planner.EFFICIENCY:.0%} of peak) |")
+  print("\n| memory per device | bytes |\n|---|---|")
+  for key in ("params", "kv_cache", "activations", "total"):
+    print(f"| {key.replace('_', ' ')} | {gib(mem[key])} |")
+  print(f"| available | {gib(memory)} |")
+  if mem["total"] > memory:
+    need = -(-int(mem["params"] * model_axis) // int(0.8 * memory))
+    raise UserInputError(
+        f"the model does not fit: {gib(mem['total'])} per device > {gib(memory)}; split the "
+        f"parameters over more devices (--config.mesh.model={max(need, model_axis * 2)}, "
+        "--config.mesh.fsdp=True), use --config.dtype=bfloat16, or a smaller "
+        "--config.scoring.prefix_batch")
+  print("\nfits: yes")
+
+
+if __name__ == "__main__":
+  common.run(main)

@@ -1,0 +1,151 @@
+"""Where arrays live: one device mesh with named axes, logical axes for the parameters, and the
+shardings of batches. JAX's own runtime (`jax.sharding`, `jax.distributed`) does the rest.
+
+The mesh has two axes, built from `config.mesh` (`data` x `model` = the process's devices):
+
+* `data`: independent work is split over it: the (subject, alpha) contexts of a scoring batch
+  and the subjects of a probe fit;
+* `model`: the parameters are split over it (tensor parallelism): attention heads, the MLP's
+  hidden units and the vocabulary. With `config.mesh.fsdp`, the parameters are also split over
+  `data` along the embedding axis (FSDP) and gathered layer by layer by XLA as they are used.
+
+Model code never names mesh axes: every parameter leaf has logical axes (`PARAM_AXES`, in the
+style of MaxText's `logical_axis_rules` and levanter's named axes) and `rules` maps them to
+mesh axes once. A dimension that a mesh axis does not divide is replicated instead (e.g.
+SmolLM2's 9 heads on 2 model shards); `plan` reports it. On one device every sharding is
+trivial and the calling code is the same.
+
+With several processes (`jax.distributed`, `launch.common.init_distributed`) each process
+builds its mesh from its own devices (`jax.local_devices()`) and aligns its own share of the
+subjects: PAS is independent per subject, so no collective crosses processes in the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from palign_jax.errors import UserInputError
+
+MESH_AXES = ("data", "model")
+
+# Logical axes of each leaf of the `models/params.py` pytree, by path.
+PARAM_AXES = {
+    ("embed_tokens", "embedding"): ("vocab", "embed"),
+    ("layers", "input_layernorm", "scale"): ("layers", "embed"),
+    ("layers", "post_attention_layernorm", "scale"): ("layers", "embed"),
+    ("layers", "attn", "q_proj", "kernel"): ("layers", "embed", "heads", "head_dim"),
+    ("layers", "attn", "q_proj", "bias"): ("layers", "heads", "head_dim"),
+    ("layers", "attn", "k_proj", "kernel"): ("layers", "embed", "kv_heads", "head_dim"),
+    ("layers", "attn", "k_proj", "bias"): ("layers", "kv_heads", "head_dim"),
+    ("layers", "attn", "v_proj", "kernel"): ("layers", "embed", "kv_heads", "head_dim"),
+    ("layers", "attn", "v_proj", "bias"): ("layers", "kv_heads", "head_dim"),
+    ("layers", "attn", "o_proj", "kernel"): ("layers", "heads", "head_dim", "embed"),
+    ("layers", "mlp", "gate_proj", "kernel"): ("layers", "embed", "mlp"),
+    ("layers", "mlp", "up_proj", "kernel"): ("layers", "embed", "mlp"),
+    ("layers", "mlp", "down_proj", "kernel"): ("layers", "mlp", "embed"),
+    ("norm", "scale"): ("embed",),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+}
+
+
+def rules(fsdp: bool = False) -> dict[str, str | None]:
+  """Logical axis -> mesh axis (None: replicated)."""
+  return {"vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model",
+          "embed": "data" if fsdp else None, "layers": None, "head_dim": None,
+          "pairs": "data", "subjects": "data"}
+
+
+def make_mesh(data: int = -1, model: int = 1, devices: Sequence | None = None) -> Mesh:
+  """A `data` x `model` mesh over `devices` (default: this process's devices).
+
+  data = -1 takes every device the model axis leaves. Raises `UserInputError` when the shape
+  does not match the device count.
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  if model < 1 or (data != -1 and data < 1):
+    raise UserInputError(f"config.mesh: data={data}, model={model}: sizes must be >= 1 (data "
+                         "may be -1: every device the model axis leaves)")
+  if data == -1:
+    if len(devices) % model:
+      raise UserInputError(f"config.mesh.model={model} does not divide the {len(devices)} "
+                           f"devices of this process ({devices[0].platform})")
+    data = len(devices) // model
+  if data * model != len(devices):
+    raise UserInputError(f"config.mesh: data={data} x model={model} = {data * model} devices, "
+                         f"but this process has {len(devices)} ({devices[0].platform}); use "
+                         f"data x model = {len(devices)} (data=-1 fills it)")
+  return Mesh(np.array(devices).reshape(data, model), MESH_AXES)
+
+
+def mesh_from_config(config) -> Mesh:
+  """The mesh a run config asks for (`config.mesh.data`, `config.mesh.model`)."""
+  return make_mesh(int(config.mesh.data), int(config.mesh.model))
+
+
+def _spec(shape: Sequence[int], logical: Sequence[str], mesh: Mesh,
+          axis_rules: dict[str, str | None]) -> tuple[PartitionSpec, list[str]]:
+  """The partition spec of one array, and its logical axes left replicated because the mesh
+  axis does not divide them."""
+  spec, replicated, used = [], [], set()
+  for size, name in zip(shape, logical, strict=True):
+    axis = axis_rules.get(name)
+    if axis is None or mesh.shape[axis] == 1 or axis in used:
+      spec.append(None)
+    elif size % mesh.shape[axis]:
+      spec.append(None)
+      replicated.append(f"{name} ({size} over {axis}={mesh.shape[axis]})")
+    else:
+      spec.append(axis)
+      used.add(axis)
+  return PartitionSpec(*spec), replicated
+
+
+def param_shardings(params, mesh: Mesh, fsdp: bool = False):
+  """A pytree of `NamedSharding`s matching `params` (arrays or `jax.ShapeDtypeStruct`s)."""
+  axis_rules = rules(fsdp)
+
+  def one(path, leaf):
+    key = tuple(p.key for p in path)
+    if key not in PARAM_AXES:
+      raise ValueError(f"no logical axes for parameter {'/'.join(key)}")
+    return NamedSharding(mesh, _spec(leaf.shape, PARAM_AXES[key], mesh, axis_rules)[0])
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def replicated_axes(params, mesh: Mesh, fsdp: bool = False) -> list[str]:
+  """Logical axes the rules would shard but the mesh does not divide (so they are copied)."""
+  out = set()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    key = tuple(p.key for p in path)
+    out.update(_spec(leaf.shape, PARAM_AXES[key], mesh, rules(fsdp))[1])
+  return sorted(out)
+
+
+def shard_params(params, mesh: Mesh, fsdp: bool = False):
+  """Places every parameter on the mesh according to its logical axes."""
+  return jax.device_put(params, param_shardings(params, mesh, fsdp))
+
+
+def batch_sharding(mesh: Mesh, rows: int, ndim: int) -> NamedSharding:
+  """The sharding of an `[rows, ...]` batch: rows split over `data` when it divides them."""
+  data = mesh.shape["data"]
+  lead = "data" if data > 1 and rows % data == 0 else None
+  return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+
+
+def put_batch(mesh: Mesh | None, array):
+  """`array` on the mesh, rows split over `data` (unchanged without a mesh)."""
+  if mesh is None:
+    return array
+  return jax.device_put(array, batch_sharding(mesh, np.shape(array)[0], np.ndim(array)))
+
+
+def subjects_of_process(subject_ids: Sequence[str], process: int, processes: int) -> list[str]:
+  """This process's share of the subjects: every `processes`-th one, from `process` on, so
+  shares stay balanced and a subject always lands on the same process."""
+  return list(subject_ids[process::processes])
