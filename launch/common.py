@@ -12,6 +12,7 @@ on a missing package.
 from __future__ import annotations
 
 import importlib
+import os
 import pathlib
 import re
 import sys
@@ -150,54 +151,110 @@ def resolved_config(config_holder, **overrides):
   return config
 
 
+# The process that holds this process's place in `jax.distributed` (see `init_distributed`).
+_MEMBER = None
+
+_MEMBER_CODE = """
+import hashlib, json, sys
+import jax, numpy as np
+from jax.experimental import multihost_utils
+settings = json.loads(sys.argv[1])
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+try:
+  if settings["auto"]:
+    jax.distributed.initialize(initialization_timeout=settings["timeout_s"])
+  else:
+    jax.distributed.initialize(settings["coordinator_address"],
+                               num_processes=settings["num_processes"],
+                               process_id=settings["process_id"],
+                               initialization_timeout=settings["timeout_s"])
+except Exception as err:
+  print("PALIGN_MEMBER", json.dumps({"error": str(err).splitlines()[0][:300]}), flush=True)
+  sys.exit(1)
+print("PALIGN_MEMBER", json.dumps({"process": jax.process_index(),
+                                  "processes": jax.process_count()}), flush=True)
+line = sys.stdin.readline()
+if not line:  # this process failed before the check: leave, and the others will see it
+  sys.exit(1)
+digest = hashlib.sha256(line.encode()).digest()[:8]
+mine = np.frombuffer(digest, np.int32)  # two int32s: JAX runs without 64-bit integers
+everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+differ = [i for i in range(len(everyone)) if (everyone[i] != everyone[0]).any()]
+print("PALIGN_MEMBER", json.dumps({"differ": differ}), flush=True)
+jax.distributed.shutdown()
+"""
+
+
 def init_distributed(config) -> tuple[int, int]:
   """Joins the run's processes through `jax.distributed` when the config asks for several
-  (`config.distributed`); returns (this process's index, the number of processes)."""
-  import jax
+  (`config.distributed`); returns (this process's index, the number of processes).
+
+  The membership is held by a small companion process (CPU only, gloo collectives): it joins
+  with these settings (or JAX's auto-detection: TPU, SLURM, Open MPI), reports the index and
+  count, runs `check_same_run`'s all-gather, and leaves. This process itself stays a single
+  controller over its own devices: PAS needs no collective across processes, a process that
+  dies mid-run cannot take the others down (JAX's coordination service would stop them all),
+  and its orbax caches stay process-local.
+  """
+  import json
+  import subprocess
+  import sys
 
   from palign_jax.errors import UserInputError
 
+  global _MEMBER
   d = config.distributed
   if not d.auto and int(d.num_processes) <= 1:
     return 0, 1
-  if jax.distributed.is_initialized():
-    return jax.process_index(), jax.process_count()
-  try:
-    # CPU processes exchange the start-up check over gloo (accelerators use their own).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if d.auto:
-      jax.distributed.initialize(initialization_timeout=int(d.timeout_s))
-    else:
-      if not d.coordinator_address:
-        raise UserInputError(f"config.distributed.num_processes={d.num_processes} needs "
-                             "config.distributed.coordinator_address (host:port of process 0)")
-      jax.distributed.initialize(d.coordinator_address, num_processes=int(d.num_processes),
-                                 process_id=int(d.process_id),
-                                 initialization_timeout=int(d.timeout_s))
-  except (RuntimeError, ValueError) as err:
-    raise UserInputError(f"config.distributed: could not join the other processes ({err})") \
-        from None
-  return jax.process_index(), jax.process_count()
+  if not d.auto and not d.coordinator_address:
+    raise UserInputError(f"config.distributed.num_processes={d.num_processes} needs "
+                         "config.distributed.coordinator_address (host:port of process 0)")
+  settings = {"auto": bool(d.auto), "coordinator_address": str(d.coordinator_address),
+              "num_processes": int(d.num_processes), "process_id": int(d.process_id),
+              "timeout_s": int(d.timeout_s)}
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"  # the companion must not claim this process's accelerators
+  _MEMBER = subprocess.Popen([sys.executable, "-c", _MEMBER_CODE, json.dumps(settings)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=env)
+  reply = _member_reply(_MEMBER)
+  if "process" not in reply:
+    raise UserInputError("config.distributed: could not join the other processes "
+                         f"({reply.get('error', 'no reply from jax.distributed')}; settings "
+                         f"{settings})")
+  return int(reply["process"]), int(reply["processes"])
+
+
+def _member_reply(member) -> dict:
+  """The companion's next message ({} if it ended first); other output (gloo's) is skipped."""
+  import json
+
+  for line in member.stdout:
+    if line.startswith("PALIGN_MEMBER "):
+      return json.loads(line.split(" ", 1)[1])
+  return {}
 
 
 def check_same_run(identity: dict, process: int, processes: int) -> None:
-  """Refuses to start when the processes disagree on what they run (config, model, prompts):
-  their results could not be merged."""
-  if processes == 1:
-    return
-  import hashlib
+  """Refuses to start when the processes disagree on what they run (config, model, prompts,
+  seed): their results could not be merged. Waits for every process to get here."""
   import json
-
-  import numpy as np
-  from jax.experimental import multihost_utils
 
   from palign_jax.errors import UserInputError
 
-  digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).digest()[:8]
-  mine = np.frombuffer(digest, np.int32)  # two int32s: JAX runs without 64-bit integers
-  everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(processes, -1)
-  differ = [i for i in range(processes) if (everyone[i] != everyone[0]).any()]
-  if differ:
-    raise UserInputError(f"process {process}: processes {differ} run another configuration or "
-                         "model than process 0 (config, model fingerprint, prompts or seed "
-                         "differ); start every process with the same --config and --model")
+  global _MEMBER
+  if processes == 1 or _MEMBER is None:
+    return
+  member, _MEMBER = _MEMBER, None
+  member.stdin.write(json.dumps(identity, sort_keys=True) + "\n")
+  member.stdin.flush()
+  reply = _member_reply(member)
+  member.wait()
+  if "differ" not in reply:
+    raise UserInputError(f"process {process}: another process left before the start-up check "
+                         "(it failed or was stopped); see its log, then start them all again")
+  if reply["differ"]:
+    raise UserInputError(f"process {process}: processes {reply['differ']} run another "
+                         "configuration or model than process 0 (config, model fingerprint, "
+                         "prompts or seed differ); start every process with the same --config "
+                         "and --model")

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
-from palign_jax import data, prompts, readout, scoring
+from palign_jax import data, parallel, prompts, readout, scoring
 from palign_jax.errors import UserInputError
 from palign_jax.models import loading
 
@@ -42,12 +45,15 @@ class Engine:
   """A model, its tokenizer and compiled scoring, addressed by token-id contexts and items."""
 
   def __init__(self, model: loading.LoadedModel, *, question_batch: int, prefix_batch: int,
-               cache_dir: str | pathlib.Path | None = None):
-    """prefix_batch: (context, alpha) pairs per compiled call; 0 sizes it to memory."""
+               cache_dir: str | pathlib.Path | None = None, mesh: Mesh | None = None):
+    """prefix_batch: (context, alpha) pairs per compiled call; 0 sizes it to memory. mesh: the
+    `parallel` mesh the model's params were loaded onto (None: one device); batches are split
+    over its `data` axis and the prefix batch rounded up to a multiple of it."""
     if question_batch < 1 or prefix_batch < 0:
       raise UserInputError(f"scoring.question_batch must be >= 1 and scoring.prefix_batch >= 0 "
                            f"(0 = sized to memory), got {question_batch} and {prefix_batch}")
     self.model = model
+    self.mesh = mesh
     self.question_batch = question_batch
     self.requested_prefix_batch = prefix_batch
     self.cache_dir = pathlib.Path(cache_dir) if cache_dir else loading.default_cache_dir()
@@ -61,10 +67,20 @@ class Engine:
 
   @classmethod
   def from_config(cls, config) -> Engine:
-    """The engine a run config asks for (`model`, `dtype`, `scoring.*`)."""
-    return cls(loading.load_model(config.model, dtype=config.dtype),
-               question_batch=int(config.scoring.question_batch),
-               prefix_batch=int(config.scoring.prefix_batch))
+    """The engine a run config asks for (`model`, `dtype`, `scoring.*`, `mesh.*`): the params
+    are loaded straight into their shardings on the mesh (on one device, trivially)."""
+    mesh = parallel.mesh_from_config(config)
+    fsdp = bool(config.mesh.fsdp)
+    model = loading.load_model(
+        config.model, dtype=config.dtype,
+        shardings=lambda shapes: parallel.param_shardings(shapes, mesh, fsdp))
+    return cls(model, question_batch=int(config.scoring.question_batch),
+               prefix_batch=int(config.scoring.prefix_batch), mesh=mesh)
+
+  @property
+  def data_shards(self) -> int:
+    """How many ways a batch is split (the mesh's `data` axis; 1 without a mesh)."""
+    return 1 if self.mesh is None else int(self.mesh.shape["data"])
 
   @property
   def fingerprint(self) -> str:
@@ -120,21 +136,24 @@ class Engine:
     return self._questions[key]
 
   def prefix_batch(self, context_length: int) -> int:
-    """The configured prefix batch, or (0) the largest that fits an accelerator's memory.
+    """The configured prefix batch, or (0) the largest that fits an accelerator's memory;
+    either way a multiple of the mesh's `data` axis, so every device gets whole contexts.
 
-    On a CPU the automatic size is 1: batching (subject, alpha) contexts only enlarges the
-    attention temporaries past the caches, and `benchmarks/bench_pas.py` measured one context
-    per call fastest there (a 6-context sweep: 200 s at 1, 244 s at 4 + 2).
+    On a CPU the automatic size is 1 per device: batching (subject, alpha) contexts only
+    enlarges the attention temporaries past the caches, and `benchmarks/bench_pas.py` measured
+    one context per call fastest there (a 6-context sweep: 200 s at 1, 244 s at 4 + 2).
     """
+    shards = self.data_shards
     if self.requested_prefix_batch:
-      return self.requested_prefix_batch
-    params_bytes = sum(x.nbytes for x in jax.tree.leaves(self.model.params))
+      return -(-self.requested_prefix_batch // shards) * shards
+    params_bytes = sum(x.addressable_shards[0].data.nbytes if isinstance(x, jax.Array)
+                       else x.nbytes for x in jax.tree.leaves(self.model.params))
     budget = memory_budget(params_bytes)
     if budget is None:
-      return 1
+      return shards
     item_lengths = [len(s) - len(self.question_head) for s in self._suffixes]
     dtype_bytes = np.dtype(self.params_dtype).itemsize
-    return scoring.auto_prefix_batch(
+    return shards * scoring.auto_prefix_batch(
         self.config, scoring.bucket_length(context_length), self.question_batch,
         scoring.bucket_length(max(item_lengths)), budget, dtype_bytes)
 
@@ -157,7 +176,8 @@ class Engine:
     out = scoring.score_contexts(
         self.model.params, self.model.config, contexts, self.questions(items, content_free),
         self.option_ids, steering=steering, pairs=pairs, question_batch=self.question_batch,
-        prefix_batch=self.prefix_batch(max(map(len, contexts))), adapters=adapters)
+        prefix_batch=self.prefix_batch(max(map(len, contexts))), adapters=adapters,
+        mesh=self.mesh)
     if not content_free:
       return out
     return out[:, :len(items)], readout.content_free_prior(out[:, len(items):])
@@ -194,7 +214,8 @@ class Engine:
     split, items = data.load_split(), data.load_items()
     sequences = [prompts.encode_activation_prompt(self.model.tokenizer, items.text[j], letter)
                  for j in split.known for letter in ACTIVATION_LETTERS]
-    heads = scoring.capture_head_outputs(self.model.params, self.model.config, sequences)
+    heads = scoring.capture_head_outputs(self.model.params, self.model.config, sequences,
+                                         batch_size=16 * self.data_shards, mesh=self.mesh)
     heads = np.asarray(heads, np.float32)
     return heads.reshape((len(split.known), len(ACTIVATION_LETTERS)) + heads.shape[1:])
 
@@ -210,13 +231,26 @@ class Engine:
 
 
 def save_activations(path: pathlib.Path, activations: np.ndarray, fingerprint: str) -> None:
-  """Writes the shared activations and what made them (orbax)."""
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(path.absolute(), ocp.args.Composite(
-        arrays=ocp.args.StandardSave({"activations": activations}),
-        meta=ocp.args.JsonSave({"fingerprint": fingerprint,
-                                "prompt_version": prompts.PROMPT_VERSION,
-                                "shape": list(activations.shape)})), force=True)
+  """Writes the shared activations and what made them (orbax), through a private folder
+  renamed into place: processes sharing a cache may race to write the same entry, and the
+  first one's (identical) copy stands."""
+  path = path.absolute()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      checkpointer.save(tmp / "entry", ocp.args.Composite(
+          arrays=ocp.args.StandardSave({"activations": activations}),
+          meta=ocp.args.JsonSave({"fingerprint": fingerprint,
+                                  "prompt_version": prompts.PROMPT_VERSION,
+                                  "shape": list(activations.shape)})))
+    try:
+      os.rename(tmp / "entry", path)
+    except OSError:
+      if not path.exists():
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_activations(path: pathlib.Path, fingerprint: str) -> np.ndarray:

@@ -145,6 +145,13 @@ def put_batch(mesh: Mesh | None, array):
   return jax.device_put(array, batch_sharding(mesh, np.shape(array)[0], np.ndim(array)))
 
 
+def replicate(mesh: Mesh | None, array):
+  """`array` on every device of the mesh (unchanged without a mesh)."""
+  if mesh is None:
+    return array
+  return jax.device_put(array, NamedSharding(mesh, PartitionSpec()))
+
+
 def subjects_of_process(subject_ids: Sequence[str], process: int, processes: int) -> list[str]:
   """This process's share of the subjects: every `processes`-th one, from `process` on, so
   shares stay balanced and a subject always lands on the same process."""

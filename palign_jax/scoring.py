@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from palign_jax import parallel
 from palign_jax.errors import UserInputError
 from palign_jax.models.config import ModelConfig
 from palign_jax.models.llama import KVCache, check_adapters, forward
@@ -274,7 +275,8 @@ def _chunks(items: Sequence, size: int) -> list:
 def score_contexts(params: Params, config: ModelConfig, contexts: Sequence,
                    questions: Sequence | QuestionBatches, option_ids, *,
                    steering: jax.Array | None = None, pairs=None, question_batch: int,
-                   prefix_batch: int, adapters: dict | None = None) -> np.ndarray:
+                   prefix_batch: int, adapters: dict | None = None,
+                   mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
   """Option log-probabilities of every question after every (context, steering) pair.
 
   Args:
@@ -292,6 +294,9 @@ def score_contexts(params: Params, config: ModelConfig, contexts: Sequence,
     adapters: None, or LoRA factors (`llama.forward`) with a leading `[C]` axis on every leaf:
       context c's model (e.g. a subject's DPO adapter), used for its context and questions
       at every alpha; gathered per pair on the device like steering.
+    mesh: None, or the `parallel` mesh the params live on: each batch's pairs (tokens, steering,
+      adapters, hence caches) are split over its `data` axis (a batch the axis does not divide,
+      e.g. a remainder, is replicated), and XLA partitions the kernels from there.
   Returns:
     `f32[N, Q, O]`: log-probabilities of the options under the full next-token distribution.
   """
@@ -325,15 +330,15 @@ def score_contexts(params: Params, config: ModelConfig, contexts: Sequence,
   for chosen, bucket in plan_prefix_batches([len(contexts[c]) for c, _ in pairs], prefix_batch):
     group = pairs[chosen]
     tokens, lengths = _pad([contexts[c] for c in group[:, 0]], bucket)
-    lengths = jnp.asarray(lengths)
+    split = functools.partial(jax.tree.map, functools.partial(parallel.put_batch, mesh))
+    tokens, lengths = split((tokens, lengths))
     rows_steering = rows_adapters = None
     if steering is not None:  # gathered on the device
-      rows_steering = steering[jnp.asarray(group[:, 0]), jnp.asarray(group[:, 1])]
+      rows_steering = split(steering[jnp.asarray(group[:, 0]), jnp.asarray(group[:, 1])])
     if adapters is not None:
       rows = jnp.asarray(group[:, 0])
-      rows_adapters = jax.tree.map(lambda x, rows=rows: x[rows], adapters)
-    cache = encode_prefixes(params, config, jnp.asarray(tokens), lengths, rows_steering,
-                            rows_adapters)
+      rows_adapters = split(jax.tree.map(lambda x, rows=rows: x[rows], adapters))
+    cache = encode_prefixes(params, config, tokens, lengths, rows_steering, rows_adapters)
     batches = [score_on_prefixes(params, config, cache, lengths, q_tokens, q_lengths,
                                  option_ids, rows_steering, rows_adapters)
                for q_tokens, q_lengths in zip(questions.tokens, questions.lengths, strict=True)]
@@ -394,10 +399,12 @@ def score_full_prompts(params: Params, config: ModelConfig, prompts: Sequence, o
 
 
 def capture_head_outputs(params: Params, config: ModelConfig, sequences: Sequence, *,
-                         steering=None, batch_size: int = 16) -> np.ndarray:
+                         steering=None, batch_size: int = 16,
+                         mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
   """Per-head attention outputs (o_proj inputs) at each sequence's last token.
 
-  sequences: N token-id sequences; steering: None or [layers, heads, head_dim].
+  sequences: N token-id sequences; steering: None or [layers, heads, head_dim]; mesh: as in
+  `score_contexts` (each batch's rows split over `data`).
   -> [N, layers, heads, head_dim] in the parameters' dtype. Sequences are batched by length
   (sorted, each batch padded to a bucket) and returned in input order.
   """
@@ -410,8 +417,8 @@ def capture_head_outputs(params: Params, config: ModelConfig, sequences: Sequenc
   for start in range(0, len(order), batch_size):
     batch = [sequences[i] for i in order[start:start + batch_size]]
     tokens, lengths = _pad(batch, bucket_length(max(map(len, batch))), batch_size)
-    outputs.append(capture_last_token(params, config, jnp.asarray(tokens), jnp.asarray(lengths),
-                                      steering))
+    outputs.append(capture_last_token(params, config, parallel.put_batch(mesh, tokens),
+                                      parallel.put_batch(mesh, lengths), steering))
   captured = np.asarray(jnp.concatenate(outputs))[:len(order)]
   result = np.empty_like(captured)
   result[order] = captured

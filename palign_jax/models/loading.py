@@ -11,6 +11,10 @@ so a cached load does not re-read the checkpoint at all.
 
 `fingerprint` is a short hash of the config and the checkpoint files' contents (not the
 dtype): an alignment profile records it so it is never applied to a different model.
+
+`shardings` places the parameters on a device mesh as they load (`palign_jax.parallel`): a
+cached model is restored by orbax straight into those shardings, each device reading only its
+own slices, so a model larger than one device is never gathered on one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,9 @@ CACHE_ENV = "PALIGN_JAX_CACHE"
 DTYPES = ("float32", "bfloat16", "float16")
 # Bump when the cached layout or the conversion changes, so stale entries are not reused.
 CACHE_FORMAT = 1
+
+# Params' shapes (a pytree of jax.ShapeDtypeStruct) -> a matching pytree of shardings.
+ShardingFn = Callable[[Any], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +198,21 @@ def _save_entry(entry: Path, config: ModelConfig, params: Params, fingerprint: s
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_entry(entry: Path) -> tuple[ModelConfig, Params, str, Any] | None:
+def _restore_params(entry: Path, shardings: ShardingFn | None) -> Params:
+  """The cached params: numpy arrays, or (with `shardings`) jax arrays restored in place."""
+  with _checkpointer() as checkpointer:
+    if shardings is None:
+      return checkpointer.restore(entry / "params")
+    stored = checkpointer.metadata(entry / "params").item_metadata.tree
+    shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            shapes, shardings(shapes))
+    return checkpointer.restore(entry / "params", args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+
+
+def _read_entry(entry: Path, shardings: ShardingFn | None = None
+                ) -> tuple[ModelConfig, Params, str, Any] | None:
   meta_file = entry / "meta.json"
   if not meta_file.is_file():
     return None
@@ -202,8 +224,7 @@ def _read_entry(entry: Path) -> tuple[ModelConfig, Params, str, Any] | None:
     shutil.rmtree(entry, ignore_errors=True)
     return None
   try:
-    with _checkpointer() as checkpointer:
-      params = checkpointer.restore(entry / "params")
+    params = _restore_params(entry, shardings)
     tokenizer = None
     if (entry / "tokenizer").is_dir():
       tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(entry / "tokenizer")
@@ -216,12 +237,15 @@ def _read_entry(entry: Path) -> tuple[ModelConfig, Params, str, Any] | None:
 
 def load_model(spec: str | os.PathLike | None = None, dtype: Any = "float32",
                cache_dir: str | os.PathLike | None = None, *,
-               use_cache: bool = True) -> LoadedModel:
+               use_cache: bool = True, shardings: ShardingFn | None = None) -> LoadedModel:
   """Loads a model from the default GGUF, a `.gguf` file or a local HF folder.
 
   dtype: 'float32' | 'bfloat16' | 'float16' (the params' dtype).
   cache_dir: where converted params are cached (default `default_cache_dir()`).
   use_cache: False skips reading and writing the params cache.
+  shardings: None (the default device), or a function from the params' shapes (a pytree of
+    `jax.ShapeDtypeStruct`) to their `jax.sharding.Sharding`s, e.g.
+    `parallel.param_shardings` on a mesh; the params are placed there as they load.
   Raises UserInputError naming the file for missing, corrupt or unsupported input.
   """
   kind, path = resolve_spec(spec)
@@ -235,7 +259,7 @@ def load_model(spec: str | os.PathLike | None = None, dtype: Any = "float32",
       [CACHE_FORMAT, kind, sorted(digests.values())]).encode()).hexdigest()[:16]
   entry = cache_dir / "models" / f"{key}-{dtype}"
 
-  cached = _read_entry(entry) if use_cache else None
+  cached = _read_entry(entry, shardings) if use_cache else None
   if cached is not None:
     config, params, fingerprint, tokenizer = cached
     if tokenizer is not None:
@@ -250,6 +274,12 @@ def load_model(spec: str | os.PathLike | None = None, dtype: Any = "float32",
         warnings.warn(f"{entry}: could not cache the converted model: {err}", stacklevel=2)
   if tokenizer is None:
     tokenizer = tokenizer_from_folder(path)
-  params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  if shardings is None:
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  else:  # host arrays (a fresh conversion) are split as they go to the devices
+    target = jnp.dtype(dtype)
+    params = jax.tree.map(lambda x: x if x.dtype == target else x.astype(target), params)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    params = jax.device_put(params, shardings(shapes))
   return LoadedModel(config=config, params=params, tokenizer=tokenizer,
                      fingerprint=fingerprint, source=str(path), from_cache=cached is not None)

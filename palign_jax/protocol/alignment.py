@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from palign_jax import data, prompts, readout
+from palign_jax import data, parallel, prompts, readout
 from palign_jax.errors import UserInputError
 from palign_jax.pas import fit as pas_fit
 from palign_jax.pas import heads as pas_heads
@@ -185,8 +185,11 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
   seeds = subject_seeds(subjects.ids)
   base_key = jax.random.PRNGKey(settings.seed)
 
-  def fit(answers, salt):
-    return pas_fit.fit_pas(activations, answers, settings.fit,
+  mesh = engine.mesh
+  shared_activations = parallel.replicate(mesh, activations)
+
+  def fit(answers, salt):  # the subjects split over the mesh's data axis
+    return pas_fit.fit_pas(shared_activations, parallel.put_batch(mesh, answers), settings.fit,
                            key=jax.random.fold_in(base_key, salt), subject_ids=seeds)
 
   full_fit = stages.run("probes", "PAS fit on the known items", fit, known, 0)
