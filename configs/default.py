@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.methods = ",".join(methods.LLM_METHODS + ("constant_3", "item_mean_loso", "ridge_cv"))
   config.seed = 0  # probe splits, head tie-breaking, folds, bootstrap
   config.subjects_per_batch = 8  # subjects aligned together (probe fits and sweeps)
+  # launch.align: "pas" (steering profiles) or "dpo" (LoRA adapter profiles, config.dpo)
+  config.align_method = "pas"
 
   config.pas = ml_collections.ConfigDict()
   config.pas.top_k = 24  # heads kept per subject, a count (the reference's value)

@@ -5,9 +5,11 @@
     python -m launch.chat --profile=... --inventory      # Big Five of the aligned model
     python -m launch.chat --profile=...                  # interactive (empty line quits)
 
-The aligned model is the profile's context (the subject's few-shot system
-prompt) plus its steering; the unaligned model is the same model with the
-default system prompt and no steering.
+The aligned model is the profile's context plus what it carries: for a PAS
+profile the subject's few-shot system prompt and the steering, for a DPO profile
+(`launch.align --align_method=dpo`) the default system prompt and the LoRA
+adapter. The unaligned model is the same model with the default system prompt,
+no steering and no adapter.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from absl import flags
 
 from palign_jax import data, prompts, readout
+from palign_jax.dpo import generate as dpo_generate
 from palign_jax.errors import UserInputError
 from palign_jax.evaluation import plots
 from palign_jax.protocol import profile as profile_lib
@@ -40,7 +43,8 @@ _INVENTORY = flags.DEFINE_bool("inventory", False, "Re-administer all 300 items 
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 96, "Tokens generated per answer.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (with --temperature > 0).")
-_ALPHA = flags.DEFINE_float("alpha", None, "Override the profile's alpha.")
+_ALPHA = flags.DEFINE_float("alpha", None, "Override the profile's alpha (profiles with "
+                            "steering only).")
 
 
 def _prompts() -> list[str] | None:
@@ -54,12 +58,41 @@ def _prompts() -> list[str] | None:
   return None
 
 
+def describe(profile: profile_lib.AlignmentProfile, alpha: float | None) -> str:
+  """One line: what the profile aligns with."""
+  parts = []
+  if profile.has_steering:
+    parts.append(f"alpha {profile.alpha if alpha is None else alpha} "
+                 f"({profile.alpha_selection}), {int(profile.head_mask.sum())} steered heads")
+  if profile.method == "dpo":
+    s = profile.settings
+    adapter = (f"LoRA adapter on {', '.join(profile.adapters)}, {s.get('steps')} DPO steps "
+               f"chosen by k-fold on the known items" if profile.adapters is not None
+               else "no adapter (the base model)")
+    parts.append(adapter + f", {s.get('num_pairs')} preference pairs"
+                 + (f"; note: {s['note']}" if s.get("note") else ""))
+  return f"Profile of subject {profile.subject_id} ({profile.method}): " + "; ".join(parts) + "."
+
+
+def _steering_of(profile: profile_lib.AlignmentProfile) -> np.ndarray | None:
+  if _ALPHA.value is not None and not profile.has_steering:
+    raise UserInputError(f"--alpha: the profile of {profile.subject_id} has no steering "
+                         f"({profile.method} profile); leave --alpha out")
+  return profile.steering(_ALPHA.value)
+
+
 def inventory_table(engine, profile: profile_lib.AlignmentProfile, person: np.ndarray) -> str:
   """Trait scores (1..5) on all 300 items: person (where answered), unaligned, aligned."""
   everything = np.arange(data.NUM_ITEMS)
-  steering = jnp.asarray(profile.steering(_ALPHA.value))[None, None]  # [1 context, 1 alpha, ...]
+  steering = _steering_of(profile)
+  if steering is not None:
+    steering = jnp.asarray(steering)[None, None]  # [1 context, 1 alpha, ...]
+  adapters = None
+  if profile.adapters is not None:  # [1 context, ...]
+    adapters = {t: {k: v[None] for k, v in f.items()} for t, f in profile.adapters.items()}
   aligned, aligned_prior = engine.score([engine.context_tokens(profile.system_prompt)],
-                                        everything, steering=steering, content_free=True)
+                                        everything, steering=steering, content_free=True,
+                                        adapters=adapters)
   unaligned, unaligned_prior = engine.score_systems([prompts.DEFAULT_SYSTEM_PROMPT], everything,
                                                     content_free=True)
   decoding = profile.settings.get("decoding", readout.DECODINGS[0])
@@ -77,6 +110,23 @@ def inventory_table(engine, profile: profile_lib.AlignmentProfile, person: np.nd
   return "\n".join(lines)
 
 
+def answer(engine, profile: profile_lib.AlignmentProfile, question: str,
+           steering: np.ndarray | None) -> str:
+  """The aligned model's reply: steering through `engine.generate`; with an adapter, the same
+  loop with the adapter in every forward pass (`dpo.generate`)."""
+  options = dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                 seed=_SEED.value)
+  if profile.adapters is None:
+    return engine.generate(profile.system_prompt, question, steering, **options)
+  tokenizer = engine.model.tokenizer
+  tokens = prompts.encode_chat_prompt(tokenizer, profile.system_prompt, question)
+  eos = [i for i in {tokenizer.eos_token_id} if i is not None]
+  (out,) = dpo_generate.generate(engine.model.params, engine.config, [tokens],
+                                 adapters=profile.adapters, steering=steering, eos_ids=eos,
+                                 **options)
+  return tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise UserInputError(f"unexpected arguments {argv[1:]}; see --help")
@@ -87,9 +137,8 @@ def main(argv: list[str]) -> None:
   engine = engine_lib.Engine.from_config(config)
   profile = profile_lib.load_profile(_PROFILE.value, model_fingerprint=engine.fingerprint,
                                      prompt_version=prompts.PROMPT_VERSION)
-  alpha = profile.alpha if _ALPHA.value is None else _ALPHA.value
-  print(f"Profile of subject {profile.subject_id}: alpha {alpha} ({profile.alpha_selection}), "
-        f"{int(profile.head_mask.sum())} steered heads.")
+  print(describe(profile, _ALPHA.value))
+  steering = _steering_of(profile)
   if _INVENTORY.value:
     person = np.zeros(data.NUM_ITEMS, np.int64)
     papi = data.load_papi_subjects()
@@ -100,7 +149,6 @@ def main(argv: list[str]) -> None:
     print(inventory_table(engine, profile, person))
   questions = _prompts()
   interactive = questions is None and not _INVENTORY.value
-  steering = profile.steering(_ALPHA.value)
   while True:
     if interactive:
       try:
@@ -116,9 +164,7 @@ def main(argv: list[str]) -> None:
       unaligned = engine.generate(prompts.DEFAULT_SYSTEM_PROMPT, question, None,
                                   max_new_tokens=_MAX_NEW_TOKENS.value,
                                   temperature=_TEMPERATURE.value, seed=_SEED.value)
-      aligned = engine.generate(profile.system_prompt, question, steering,
-                                max_new_tokens=_MAX_NEW_TOKENS.value,
-                                temperature=_TEMPERATURE.value, seed=_SEED.value)
+      aligned = answer(engine, profile, question, steering)
       print(f"\n> {question}\n--- unaligned ---\n{unaligned}\n--- aligned to "
             f"{profile.subject_id} ---\n{aligned}")
       sys.stdout.flush()

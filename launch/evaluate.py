@@ -32,7 +32,7 @@ _MODEL = common.shorthand_flag("model", common.MODEL_HELP)
 _SUBJECTS = common.shorthand_flag("subjects", common.SUBJECTS_HELP)
 _METHODS = common.shorthand_flag(
     "methods", "comma-separated rows of the table. LLM: "
-    f"{', '.join(methods_lib.LLM_METHODS)}; non-LLM baselines: "
+    f"{', '.join(methods_lib.MODEL_METHODS)}; non-LLM baselines: "
     f"{', '.join(methods_lib.baselines.BASELINE_METHODS)}.")
 _OUTPUT_DIR = common.output_dir_flag()
 
@@ -53,6 +53,8 @@ def identity_of(config, engine=None) -> dict:
                       if k not in ("selection", "decoding")},
               "probe": config.probe.to_dict(), "readout": config.readout.to_dict()}
   identity["pas"]["alphas"] = [float(a) for a in identity["pas"]["alphas"]]
+  if "dpo" in _parse_methods(config.methods):  # only then: other runs' directories still match
+    identity["dpo"] = config.dpo.to_dict()
   if engine is not None:
     identity["model"] = {"fingerprint": engine.fingerprint, "source": engine.source,
                          "dtype": config.dtype}
@@ -69,7 +71,7 @@ def run(config, output_dir: str) -> dict:
   process, processes = common.init_distributed(config)
   methods = _parse_methods(config.methods)
   subjects = data.parse_subject_spec(str(config.subjects), data.load_papi_subjects())
-  llm_methods = [m for m in methods if m in methods_lib.LLM_METHODS]
+  llm_methods = [m for m in methods if m in methods_lib.MODEL_METHODS]
   if "pas_oracle_test" in llm_methods:
     heldout = data.load_split().heldout
     blank = [s for s, row in zip(subjects.ids, subjects.answers[:, heldout], strict=True)
@@ -77,19 +79,20 @@ def run(config, output_dir: str) -> dict:
     if blank:
       raise UserInputError(f"--methods: pas_oracle_test chooses alpha on the held-out answers, "
                            f"which subjects {blank[:5]} do not have; leave it out")
-  engine = settings = None
+  engine = settings = dpo_settings = None
   if llm_methods:
     from palign_jax import engine as engine_lib  # imports JAX; baselines-only runs skip it
     engine = engine_lib.Engine.from_config(config)
     settings = alignment_lib.AlignSettings.from_config(
         config, engine.config.num_layers * engine.config.num_heads)
+    dpo_settings = methods_lib.dpo_settings_for(config, llm_methods)
   identity = identity_of(config, engine)
   common.check_same_run(identity, process, processes)
   results_store = store.ResultStore(output_dir, identity, store.shard_file(process, processes))
   timing_start = time.perf_counter()
   share = subjects.select(parallel.subjects_of_process(subjects.ids, process, processes))
 
-  baseline_methods = [m for m in methods if m not in methods_lib.LLM_METHODS]
+  baseline_methods = [m for m in methods if m not in methods_lib.MODEL_METHODS]
   todo = [m for m in baseline_methods if not all(results_store.has(s, m) for s in share.ids)]
   for record in methods_lib.baseline_records(share, todo, int(config.seed)):
     if not results_store.has(record["subject"], record["method"]):
@@ -111,7 +114,8 @@ def run(config, output_dir: str) -> dict:
       needed = [m for m in llm_methods if any(not results_store.has(s, m) for s in chunk.ids)]
       for record in methods_lib.llm_records(engine, chunk, needed, settings,
                                             zero_shot_cache=zero_shot_cache,
-                                            progress=bar.set_postfix_str):
+                                            progress=bar.set_postfix_str,
+                                            dpo_settings=dpo_settings):
         if not results_store.has(record["subject"], record["method"]):
           results_store.append(record)  # at once: a kill never loses a finished record
       bar.update(len(chunk))
@@ -130,7 +134,7 @@ def write_reports(results_store: store.ResultStore, methods: list[str], subjects
   out = pathlib.Path(output_dir)
   summaries, extras = methods_lib.summaries_from_records(
       results_store.records(), methods, subjects.ids, seed=int(config.seed))
-  notes = {name: methods_lib.METHOD_NOTES.get(name.split(" ")[0], "") for name in summaries}
+  notes = {name: methods_lib.row_note(name, extras[name]) for name in summaries}
   missing = sorted({s for s in subjects.ids for m in methods if not results_store.has(s, m)})
   results = {
       "model": results_store.identity.get("model"),

@@ -8,6 +8,7 @@ rows against training each row alone. The protocol runs on the tiny random model
 """
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +17,16 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_run_config
 
-from palign_jax import data, prompts, scoring
+from palign_jax import data, prompts, readout, scoring
+from palign_jax.dpo import generate as dpo_generate
 from palign_jax.dpo import lora
 from palign_jax.dpo import train as dpo_train
 from palign_jax.errors import UserInputError
 from palign_jax.models.config import ModelConfig
 from palign_jax.models.llama import adapter_dims, init_params
 from palign_jax.models.llama import forward_jit as forward
-from palign_jax.protocol import dpo
+from palign_jax.protocol import dpo, records
+from palign_jax.protocol import profile as profile_lib
 
 # GQA with q/k/v biases and tied embeddings: every branch of the attention the side path touches.
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -261,6 +264,40 @@ def test_model_dpo_loss_and_gradient_match_float64_numpy():
     np.testing.assert_allclose(analytic, numeric, rtol=1e-3, atol=1e-5)
 
 
+# --- generation under an adapter ---------------------------------------------------------------
+
+def greedy_by_full_forwards(params, prompt, steps, adapters=None, width=16):
+  """The reference: re-run the whole sequence each step, append the most likely token. The
+  sequence is right-padded to `width` (causal attention: padding after the last real token
+  changes nothing before it), so every step is the same compiled shape."""
+  tokens = list(prompt)
+  for _ in range(steps):
+    padded = jnp.asarray([tokens + [0] * (width - len(tokens))])
+    logits = forward(params, CONFIG, padded, adapters=adapters).logits
+    tokens.append(int(jnp.argmax(logits[0, len(tokens) - 1])))
+  return tokens[len(prompt):]
+
+
+def test_generation_with_an_adapter_equals_full_forwards():
+  params = model()
+  rng = np.random.default_rng(11)
+  prompts_ = [rng.integers(0, CONFIG.vocab_size, n) for n in (5, 9)]
+  adapters = random_adapters(12, scale=1.0)
+  with_adapter = dpo_generate.generate(params, CONFIG, prompts_, 6, adapters=adapters)
+  without = dpo_generate.generate(params, CONFIG, prompts_, 6)
+  for i, prompt in enumerate(prompts_):  # ragged prompts: left padding must not leak
+    assert list(with_adapter[i]) == greedy_by_full_forwards(params, prompt, 6, adapters)
+    assert list(without[i]) == greedy_by_full_forwards(params, prompt, 6)
+    # Without an adapter it is scoring.generate, token for token.
+    assert list(without[i]) == list(scoring.generate(params, CONFIG, [prompt], 6)[0])
+  assert any(list(a) != list(b) for a, b in zip(with_adapter, without, strict=True))
+  stop = int(without[0][2])  # an eos id ends the row after it is emitted
+  cut = dpo_generate.generate(params, CONFIG, prompts_[:1], 6, eos_ids=[stop])[0]
+  assert list(cut) == list(without[0][:list(without[0]).index(stop) + 1])
+  with pytest.raises(UserInputError, match="leading axis"):
+    dpo_generate.generate(params, CONFIG, prompts_, 2, adapters=random_adapters(0, lead=(2,)))
+
+
 # --- training -----------------------------------------------------------------------------------
 
 ROWS = [[(0, 0, 1), (1, 2, 0), (2, 1, 2), (3, 0, 2), (4, 1, 0)], [(0, 1, 0), (3, 2, 1)],
@@ -459,3 +496,60 @@ def test_settings_are_checked():
   settings = dpo_settings()
   assert list(settings.candidate_steps) == [0, 2, 4] and settings.seed == 0
   assert settings.train_settings.lora_scale == pytest.approx(16.0 / 2)
+
+
+def test_dpo_profile_saved_and_reloaded_gives_the_same_answers(dpo_results, tiny_engine,
+                                                               tmp_path):
+  """The profile of a trained subject, through orbax and back, scores the test items as the
+  protocol did (same context, same adapter), so chat and the evaluation agree."""
+  result = next(r for r in dpo_results if r.trained)
+  saved = profile_lib.profile_from_dpo(result, model_fingerprint=tiny_engine.fingerprint,
+                                       model_source=tiny_engine.source, settings={"k": 1})
+  path = profile_lib.save_profile(tmp_path / "profile", saved)
+  profile = profile_lib.load_profile(path, model_fingerprint=tiny_engine.fingerprint,
+                                     prompt_version=prompts.PROMPT_VERSION)
+  assert profile.method == "dpo" and not profile.has_steering
+  assert profile.settings["steps"] == result.chosen_steps
+  assert profile.settings["decoding"] == result.chosen_decoding
+  adapters = jax.tree.map(lambda x: np.asarray(x)[None], profile.adapters)
+  scores, prior = tiny_engine.score([tiny_engine.context_tokens(profile.system_prompt)],
+                                    HELDOUT, content_free=True, adapters=adapters)
+  np.testing.assert_allclose(scores[0], result.test_log_probs, rtol=1e-6, atol=1e-6)
+  predicted, _ = readout.decode(scores[0], profile.settings["decoding"], prior=prior[0],
+                                match=(result.known_log_probs, result.known_answers))
+  np.testing.assert_array_equal(predicted, result.predictions())
+  with pytest.raises(UserInputError, match="not the loaded model"):
+    profile_lib.load_profile(path, model_fingerprint="another-model")
+
+
+def test_a_skipped_subject_has_a_profile_without_adapter(dpo_results, tmp_path):
+  neutral = dpo_results[2]
+  profile = profile_lib.profile_from_dpo(neutral, model_fingerprint="f", model_source="s",
+                                         settings={})
+  profile_lib.save_profile(tmp_path / "p", profile)
+  loaded = profile_lib.load_profile(tmp_path / "p", model_fingerprint="f")
+  assert loaded.adapters is None and loaded.steering() is None
+  assert "no usable preference pairs" in loaded.settings["note"]
+  assert loaded.settings["learning_rate"] is None and loaded.settings["steps"] == 0
+
+
+def test_dpo_records(dpo_results):
+  """Every decoding of the record reads the result's own predictions; "chosen" is the decoding
+  chosen with the steps; a skipped subject's record carries its note."""
+  subjects = three_subjects()
+  for result, answers in zip(dpo_results, subjects.answers, strict=True):
+    record = records.dpo_record(result, answers, profile="x")
+    assert record["method"] == "dpo" and record["profile"] == "x"
+    assert set(record["decodings"]) == {records.CHOSEN, *result.decodings}
+    for d in result.decodings:
+      assert record["decodings"][d]["predictions"] == result.predictions(d).tolist()
+    chosen = record["decodings"][records.CHOSEN]
+    assert chosen["decoding"] == result.chosen_decoding
+    assert chosen["predictions"] == result.predictions().tolist()
+    assert record["chosen_steps"] == result.chosen_steps
+    assert record["num_pairs"] == result.num_pairs and record["trained"] == result.trained
+    json.dumps(record, allow_nan=False)  # NaN (untried step counts) stored as null
+  skipped = records.dpo_record(dpo_results[2], subjects.answers[2])
+  assert "no usable preference pairs" in skipped["note"]
+  assert skipped["chosen_learning_rate"] is None and skipped["fold_error"]["argmax"][0][1] is None
+  assert "note" not in records.dpo_record(dpo_results[0], subjects.answers[0])

@@ -7,7 +7,10 @@ LLM methods (all read the answer from the next-token distribution over A..E, `re
   * `personality_prompt`: P², the subject's PAPI description as system prompt;
   * `pas`: few-shot context + steering, alpha chosen by k-fold over the known items (honest);
   * `pas_oracle_test`: the reference's protocol, alpha chosen by the test error itself
-    (optimistic; labelled so everywhere).
+    (optimistic; labelled so everywhere);
+  * `dpo` (only when asked for, `--methods=...,dpo`: it trains a LoRA adapter per subject, far
+    slower than the rest on a CPU): DPO on preference pairs from the known answers, the number
+    of steps chosen by k-fold over the known items (`protocol.dpo`).
 Non-LLM baselines (`evaluation.baselines`) give the floor. Records are built by
 `protocol.records`; `llm_records` yields each one as soon as it is computed, so a caller that
 stores them as they come loses nothing finished when a run is killed.
@@ -23,10 +26,16 @@ import numpy as np
 from palign_jax import data, prompts, readout
 from palign_jax.evaluation import baselines, metrics
 from palign_jax.protocol import alignment as alignment_lib
+from palign_jax.protocol import dpo as dpo_lib
 from palign_jax.protocol import records as records_lib
 
+# The model's rows run by default (configs/default.py lists them).
 LLM_METHODS = ("zero_shot", "few_shot", "personality_prompt", "pas", "pas_oracle_test")
-ALL_METHODS = LLM_METHODS + baselines.BASELINE_METHODS
+# Model rows run only when named in --methods: DPO trains adapters, far slower than the other
+# rows on a CPU (benchmarks/RESULTS_dpo.md).
+OPT_IN_METHODS = ("dpo",)
+MODEL_METHODS = LLM_METHODS + OPT_IN_METHODS  # every row that needs the model
+ALL_METHODS = MODEL_METHODS + baselines.BASELINE_METHODS
 SWEEP_METHODS = records_lib.SWEEP_METHODS
 METHOD_NOTES = {
     "pas": "alpha chosen by k-fold over the known items (honest)",
@@ -34,9 +43,18 @@ METHOD_NOTES = {
     "few_shot": "PAS with alpha = 0",
     "zero_shot": "no subject information",
     "personality_prompt": "P² description as system prompt",
+    "dpo": "LoRA DPO on the known answers, steps chosen by k-fold on the known items",
     "item_mean_loso": "item mean over the other subjects",
     "ridge_cv": "ridge from the 120 known answers, CV over subjects",
 }
+
+
+MAX_SUBJECT_NOTES = 3  # per table row; every note stays in records.jsonl and results.json
+
+
+def dpo_settings_for(config, methods: Sequence[str]) -> dpo_lib.DpoSettings | None:
+  """The DPO settings when `methods` has dpo (checked now, before any work), else None."""
+  return dpo_lib.DpoSettings.from_config(config) if "dpo" in methods else None
 
 
 def selections_for(methods: Sequence[str]) -> tuple[str, ...]:
@@ -76,12 +94,16 @@ def baseline_records(subjects: data.Subjects, methods: Sequence[str], seed: int)
 
 def llm_records(engine, subjects: data.Subjects, methods: Sequence[str],
                 settings: alignment_lib.AlignSettings, *, zero_shot_cache: dict,
-                progress: Callable[[str], None] | None = None) -> Iterator[dict]:
+                progress: Callable[[str], None] | None = None,
+                dpo_settings: dpo_lib.DpoSettings | None = None) -> Iterator[dict]:
   """Yields the LLM methods' records for one batch of subjects, each as soon as it exists.
 
   zero_shot_cache: a dict kept across batches; the zero-shot scores (the same for every
   subject) are computed once per run.
+  dpo_settings: needed when `methods` has dpo (`dpo_settings_for`).
   """
+  if "dpo" in methods and dpo_settings is None:
+    raise ValueError("llm_records: the dpo method needs dpo_settings (dpo_settings_for)")
   progress = progress or (lambda _: None)
   split = data.load_split()
   decodings = settings.decodings
@@ -129,6 +151,11 @@ def llm_records(engine, subjects: data.Subjects, methods: Sequence[str],
       seconds = sum(alignment.work["stage_seconds"].values()) / len(subjects)
       yield from records_lib.pas_records(alignment, answers, wanted,
                                          seconds_per_subject=seconds)
+  if "dpo" in methods:
+    results = dpo_lib.align_subjects(engine, subjects, dpo_settings, progress=progress)
+    for result, answers in zip(results, subjects.answers, strict=True):
+      seconds = sum(result.work["stage_seconds"].values()) / len(subjects)
+      yield records_lib.dpo_record(result, answers, seconds_per_subject=seconds)
 
 
 def row_name(method: str, decoding: str, decodings: Sequence[str] = ()) -> str | None:
@@ -141,11 +168,24 @@ def row_name(method: str, decoding: str, decodings: Sequence[str] = ()) -> str |
   return f"{method} [{decoding}]"
 
 
+def row_note(row: str, extra: dict) -> str:
+  """The notes column of a table row: the method's note, then its subjects' own notes (a
+  skipped or stopped DPO subject), at most MAX_SUBJECT_NOTES of them."""
+  notes = [METHOD_NOTES.get(row.split(" ")[0], "")]
+  subject_notes = extra.get("subject_notes") or []
+  notes += subject_notes[:MAX_SUBJECT_NOTES]
+  if len(subject_notes) > MAX_SUBJECT_NOTES:
+    notes.append(f"{len(subject_notes) - MAX_SUBJECT_NOTES} more subjects' notes in "
+                 "results.json")
+  return "; ".join(n for n in notes if n).replace("|", "/")  # a pipe would split the cell
+
+
 def summaries_from_records(records: Sequence[dict], methods: Sequence[str],
                            subject_ids: Sequence[str], seed: int = 0
                            ) -> tuple[dict[str, metrics.Summary], dict[str, dict]]:
   """Per (method, decoding) summaries over the given subjects, and per row: mean seconds per
-  subject and the letter mass (mean over items and subjects, minimum over both)."""
+  subject, the letter mass (mean over items and subjects, minimum over both) and, on the
+  method's headline row, the subjects' record notes ("subject: note", see `row_note`)."""
   by_key = {(r["subject"], r["method"]): r for r in records}
   summaries, extras = {}, {}
   for method in methods:
@@ -169,4 +209,7 @@ def summaries_from_records(records: Sequence[dict], methods: Sequence[str],
           "letter_mass_mean": float(np.mean([m["mean"] for m in masses])) if masses else None,
           "letter_mass_min": float(np.min([m["min"] for m in masses])) if masses else None,
       }
+      subject_notes = [f"subject {r['subject']}: {r['note']}" for r in rows if r.get("note")]
+      if name == method and subject_notes:
+        extras[name]["subject_notes"] = subject_notes
   return summaries, extras

@@ -1,9 +1,12 @@
-"""Alignment profiles: one subject's PAS alignment, saved and restored with orbax.
+"""Alignment profiles: one subject's alignment (PAS steering, DPO adapters), saved and restored
+with orbax.
 
-A profile is what it takes to steer a model towards one person: the kept heads,
-their directions and sigmas, the chosen alpha, and the context (the subject's
-few-shot system prompt). It records the model's fingerprint and the prompt
-version, and loading it for another model is refused.
+A profile is what it takes to move a model towards one person: the context (the system prompt
+it was aligned under), and PAS steering (the kept heads, their directions and sigmas, the chosen
+alpha) and/or LoRA adapters (DPO, forward form). A PAS profile (`profile_from_alignment`) has
+the subject's few-shot prompt and steering; a DPO profile (`profile_from_dpo`) has the default
+system prompt and the adapter trained for the chosen number of steps, no steering. It records
+the model's fingerprint and the prompt version, and loading it for another model is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import orbax.checkpoint as ocp
 from palign_jax import prompts
 from palign_jax.errors import UserInputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adapters and `method`; version 1 files (PAS only) still load
+READABLE_VERSIONS = (1, 2)
+METHODS = ("pas", "dpo")
+_STEERING_FIELDS = ("head_mask", "directions", "sigma")
 
 
 @dataclasses.dataclass
@@ -29,16 +35,26 @@ class AlignmentProfile:
   model_source: str
   prompt_version: str
   system_prompt: str
-  alpha: float
-  alpha_selection: str  # "kfold_known" (honest) or "oracle_test"
+  alpha: float  # 0 without steering
+  alpha_selection: str  # "kfold_known" (honest; DPO: the number of steps) or "oracle_test"
   known_answers: np.ndarray  # int[120]
-  head_mask: np.ndarray  # bool[layers, heads]
-  directions: np.ndarray  # f32[layers, heads, head_dim], unit length on kept heads
-  sigma: np.ndarray  # f32[layers, heads]
+  head_mask: np.ndarray | None  # bool[layers, heads]; None: no steering (a DPO profile)
+  directions: np.ndarray | None  # f32[layers, heads, head_dim], unit length on kept heads
+  sigma: np.ndarray | None  # f32[layers, heads]
   settings: dict = dataclasses.field(default_factory=dict)
+  method: str = "pas"  # how it was aligned, one of METHODS
+  adapters: dict | None = None  # LoRA factors in forward form (the scale folded into b):
+  #   {target: {"a": f32[layers, in, rank], "b": f32[layers, rank, out]}}; None: none
 
-  def steering(self, alpha: float | None = None) -> np.ndarray:
-    """`f32[layers, heads, head_dim]`: alpha * sigma * direction on the kept heads."""
+  @property
+  def has_steering(self) -> bool:
+    return self.head_mask is not None
+
+  def steering(self, alpha: float | None = None) -> np.ndarray | None:
+    """`f32[layers, heads, head_dim]`: alpha * sigma * direction on the kept heads; None for a
+    profile without steering."""
+    if not self.has_steering:
+      return None
     alpha = self.alpha if alpha is None else alpha
     scale = alpha * self.sigma * self.head_mask
     return (scale[..., None] * self.directions).astype(np.float32)
@@ -59,16 +75,40 @@ def profile_from_alignment(alignment, *, model_fingerprint: str, model_source: s
       settings=dict(settings, decoding=decoding))
 
 
+def profile_from_dpo(result, *, model_fingerprint: str, model_source: str,
+                     settings: dict) -> AlignmentProfile:
+  """The profile of one `protocol.dpo.SubjectDpo`: the default system prompt it was trained and
+  scored under, and its adapter at the chosen number of steps (none when the subject had no
+  usable pairs: the profile is then the base model, and its settings say why)."""
+  return AlignmentProfile(
+      subject_id=result.subject_id, model_fingerprint=model_fingerprint,
+      model_source=model_source, prompt_version=prompts.PROMPT_VERSION,
+      system_prompt=prompts.DEFAULT_SYSTEM_PROMPT, alpha=0.0, alpha_selection="kfold_known",
+      known_answers=np.asarray(result.known_answers), head_mask=None, directions=None,
+      sigma=None, method="dpo", adapters=result.adapters,
+      settings=dict(settings, decoding=result.chosen_decoding, steps=result.chosen_steps,
+                    learning_rate=(None if np.isnan(result.chosen_learning_rate)
+                                   else result.chosen_learning_rate),
+                    num_pairs=result.num_pairs, note=result.note))
+
+
 def save_profile(path: str | pathlib.Path, profile: AlignmentProfile) -> pathlib.Path:
   """Writes the profile as an orbax checkpoint directory (replacing an older one)."""
   path = pathlib.Path(path).absolute()
-  arrays = {
-      "known_answers": np.asarray(profile.known_answers, np.int32),
-      "head_mask": np.asarray(profile.head_mask, np.int32),
-      "directions": np.asarray(profile.directions, np.float32),
-      "sigma": np.asarray(profile.sigma, np.float32),
-  }
-  meta = {k: v for k, v in dataclasses.asdict(profile).items() if k not in arrays}
+  if profile.method not in METHODS:
+    raise UserInputError(f"profile method {profile.method!r} is not one of {METHODS}")
+  if not profile.has_steering and profile.alpha:
+    raise UserInputError("a profile without steering must have alpha 0")
+  arrays = {"known_answers": np.asarray(profile.known_answers, np.int32)}
+  if profile.has_steering:
+    arrays.update(head_mask=np.asarray(profile.head_mask, np.int32),
+                  directions=np.asarray(profile.directions, np.float32),
+                  sigma=np.asarray(profile.sigma, np.float32))
+  if profile.adapters is not None:
+    arrays["adapters"] = {t: {k: np.asarray(v, np.float32) for k, v in f.items()}
+                          for t, f in profile.adapters.items()}
+  meta = {f.name: getattr(profile, f.name) for f in dataclasses.fields(profile)
+          if f.name not in ("known_answers", "adapters", *_STEERING_FIELDS)}
   meta["format_version"] = FORMAT_VERSION
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(path, ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
@@ -87,19 +127,26 @@ def load_profile(path: str | pathlib.Path, *, model_fingerprint: str | None = No
     restored = checkpointer.restore(path, ocp.args.Composite(
         arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   meta, arrays = dict(restored["meta"]), restored["arrays"]
-  if meta.pop("format_version", None) != FORMAT_VERSION:
-    raise UserInputError(f"{path}: profile format is not version {FORMAT_VERSION}")
+  version = meta.pop("format_version", None)
+  if version not in READABLE_VERSIONS:
+    raise UserInputError(f"{path}: profile format version {version} is not one this code reads "
+                         f"{READABLE_VERSIONS}; align the subject again")
   if model_fingerprint is not None and meta["model_fingerprint"] != model_fingerprint:
     raise UserInputError(
         f"{path}: this profile was made for model {meta['model_source']} (fingerprint "
         f"{meta['model_fingerprint']}), not the loaded model (fingerprint {model_fingerprint}). "
-        "Steering directions only mean something for the model they were found on: align "
-        "the subject again with this model (python -m launch.align).")
+        "Steering directions and LoRA adapters only mean something for the model they were "
+        "found on: align the subject again with this model (python -m launch.align).")
   if prompt_version is not None and meta["prompt_version"] != prompt_version:
     raise UserInputError(f"{path}: profile uses prompt version {meta['prompt_version']!r}, "
                          f"this code uses {prompt_version!r}; align the subject again")
+  steering = "head_mask" in arrays
+  adapters = arrays.get("adapters")
   return AlignmentProfile(
       known_answers=np.asarray(arrays["known_answers"]),
-      head_mask=np.asarray(arrays["head_mask"]).astype(bool),
-      directions=np.asarray(arrays["directions"]),
-      sigma=np.asarray(arrays["sigma"]), **meta)
+      head_mask=np.asarray(arrays["head_mask"]).astype(bool) if steering else None,
+      directions=np.asarray(arrays["directions"]) if steering else None,
+      sigma=np.asarray(arrays["sigma"]) if steering else None,
+      adapters=None if adapters is None else {
+          t: {k: np.asarray(v, np.float32) for k, v in f.items()} for t, f in adapters.items()},
+      **meta)

@@ -8,8 +8,10 @@ renormalisation, over the items (mean and minimum); "note" says a decoding fell 
 median. `few_shot` and `pas` also have the decoding `"chosen"`: the readout chosen per subject by
 k-fold over the known items (or fixed in the config), with its name under "decoding"; it is
 their headline row. Baselines have the single decoding "-" and no letter mass. `pas_records`
-turns a `SubjectAlignment` into the few_shot, pas and pas_oracle_test records; `launch.evaluate`
-and `launch.align` both use it.
+turns a `SubjectAlignment` into the few_shot, pas and pas_oracle_test records, `dpo_record` a
+`protocol.dpo.SubjectDpo` into the dpo record (with "chosen" too, and a record-level "note"
+when the subject was skipped or its training stopped); `launch.evaluate` and `launch.align`
+both use them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from palign_jax import data, readout
 from palign_jax.protocol import metric
 from palign_jax.protocol.alignment import SubjectAlignment
+from palign_jax.protocol.dpo import SubjectDpo
 
 SWEEP_METHODS = ("few_shot", "pas", "pas_oracle_test")
 SELECTION_OF = {"pas": "kfold_known", "pas_oracle_test": "oracle_test"}
@@ -126,3 +129,35 @@ def pas_records(alignment: SubjectAlignment, answers: np.ndarray, methods: Seque
                                      for d, by in alignment.test_error.items()}
     records.append(record)
   return records
+
+
+def _floats(values) -> list:
+  """A nested array as lists of floats, NaN as None (JSON has no NaN)."""
+  values = np.asarray(values, np.float64)
+  if values.ndim == 0:
+    return _float(float(values))
+  return [_floats(v) for v in values]
+
+
+def dpo_record(result: SubjectDpo, answers: np.ndarray, **extra) -> dict:
+  """The dpo record of one subject (`answers` `int[300]`, only the held-out ones are read):
+  every decoding of the test items under the adapter at the chosen steps, and "chosen", the
+  readout chosen with the steps on the known items (the headline row). "note" says why a
+  subject was not trained (no usable pairs) or stopped early; absent when nothing happened."""
+  record = log_probs_record(result.subject_id, "dpo", result.test_log_probs, answers,
+                            result.decodings, prior=result.test_prior,
+                            known_log_probs=result.known_log_probs, heldout=result.heldout)
+  record["decodings"] = _with_chosen(record["decodings"], result.chosen_decoding)
+  record.update(
+      trained=result.trained, num_pairs=result.num_pairs, rejected_rule=result.rejected_rule,
+      chosen_steps=result.chosen_steps,
+      chosen_learning_rate=_float(result.chosen_learning_rate),
+      candidate_steps=[int(c) for c in result.candidate_steps],
+      learning_rates=_floats(result.learning_rates),
+      step_selection=SELECTION_LABELS["kfold_known"],
+      fold_error={d: _floats(e) for d, e in result.fold_error.items()},
+      loss=_floats(result.loss), work=result.work)
+  if result.note:
+    record["note"] = result.note
+  record.update(extra)
+  return record
