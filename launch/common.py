@@ -80,8 +80,9 @@ def run(main: Callable[[list[str]], None]) -> None:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     except ImportError as e:  # a package a library imports lazily, e.g. jinja2 in transformers
-      missing = getattr(e, "name", None) or str(e)
-      print(f"error: a Python package is missing ({missing}): {e}. Install the runtime with: "
+      name = getattr(e, "name", None)
+      what = f"'{name}' ({e})" if name and name not in str(e) else str(e).rstrip(".")
+      print(f"error: a Python package is missing: {what}. Install the runtime with: "
             f"{SETUP_COMMAND}", file=sys.stderr)
       sys.exit(2)
 
