@@ -158,11 +158,16 @@ def main(argv: list[str]) -> None:
     print(f"| {key.replace('_', ' ')} | {gib(mem[key])} |")
   print(f"| available | {gib(memory)} |")
   if mem["total"] > memory:
-    need = -(-int(mem["params"] * model_axis) // int(0.8 * memory))
+    need = max(-(-int(mem["params"] * model_axis) // int(0.8 * memory)), model_axis * 2)
+    # Tensor parallelism only splits what the axis divides: suggest a size that divides heads.
+    ways = next(w for w in range(need, model.num_heads + 1)
+                if model.num_heads % w == 0) if need <= model.num_heads else need
+    hints = [f"--config.mesh.model={ways}", "--config.mesh.fsdp=True"]
+    if config.dtype == "float32":
+      hints.append("--config.dtype=bfloat16")
     raise UserInputError(
         f"the model does not fit: {gib(mem['total'])} per device > {gib(memory)}; split the "
-        f"parameters over more devices (--config.mesh.model={max(need, model_axis * 2)}, "
-        "--config.mesh.fsdp=True), use --config.dtype=bfloat16, or a smaller "
+        f"parameters over more devices ({', '.join(hints)}) or use a smaller "
         "--config.scoring.prefix_batch")
   print("\nfits: yes")
 

@@ -29,7 +29,7 @@ import json, sys
 import jax, numpy as np
 sys.path[:0] = [sys.argv[3], sys.argv[3] + "/tests"]
 from conftest import tiny_run_config
-from palign_jax import data, parallel
+from palign_jax import data, parallel, planner
 from palign_jax import engine as engine_lib
 from palign_jax.models import loading
 from palign_jax.protocol import alignment
@@ -65,6 +65,8 @@ for name, shape in [("1x1", (1, 1, False)), ("8x1_fsdp", (8, 1, True)), ("2x4", 
       "q_shard": list(q.addressable_shards[0].data.shape),
       "embed_shard": list(embed.addressable_shards[0].data.shape),
       "prefix_batch": engine.prefix_batch(100),
+      "param_bytes": sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params)),
+      "planned_param_bytes": planner.param_bytes_per_device(engine.config, 4, *shape),
       "acts": acts.tolist(),
       "chosen": [a.chosen_alpha for a in aligned],
       "heads": [a.head_mask.tolist() for a in aligned],
@@ -101,6 +103,12 @@ def test_parameters_are_really_sharded(mesh_runs):
   # FSDP: the embedding axis (32) over data=8.
   assert fsdp["q_devices"] == 8 and fsdp["q_shard"] == [3, 4, 4, 8]
   assert fsdp["embed_shard"] == [49152, 4]
+
+
+@pytest.mark.parametrize("name", ["1x1", "8x1_fsdp", "2x4"])
+def test_planner_knows_the_parameter_bytes_each_device_holds(mesh_runs, name):
+  run = mesh_runs[name]
+  assert run["planned_param_bytes"] == run["param_bytes"]
 
 
 def test_prefix_batch_is_a_multiple_of_the_data_axis(mesh_runs):
