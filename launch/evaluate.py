@@ -202,8 +202,9 @@ def main(argv: list[str]) -> None:
   run(config, output_dir)
   out = pathlib.Path(output_dir)
   print((out / "results.md").read_text())
-  print(f"Results: {out / 'results.json'}; table: {out / 'results.md'}; plots: "
-        f"{', '.join(str(p) for p in sorted(out.glob('*.png')))}")
+  pictures = ", ".join(str(p) for p in sorted(out.glob("*.png")))
+  print(f"Results: {out / 'results.json'}; table: {out / 'results.md'}"
+        + (f"; plots: {pictures}" if pictures else ""))
 
 
 if __name__ == "__main__":
