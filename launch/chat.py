@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from palign_jax import data, prompts, readout
-from palign_jax.dpo import generate as dpo_generate
+from palign_jax import data, prompts, readout, scoring
 from palign_jax.errors import UserInputError
 from palign_jax.evaluation import plots
 from palign_jax.protocol import profile as profile_lib
@@ -112,8 +111,8 @@ def inventory_table(engine, profile: profile_lib.AlignmentProfile, person: np.nd
 
 def answer(engine, profile: profile_lib.AlignmentProfile, question: str,
            steering: np.ndarray | None) -> str:
-  """The aligned model's reply: steering through `engine.generate`; with an adapter, the same
-  loop with the adapter in every forward pass (`dpo.generate`)."""
+  """The aligned model's reply: steering through `engine.generate`; with an adapter,
+  `scoring.generate` with the adapter in every forward pass."""
   options = dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                  seed=_SEED.value)
   if profile.adapters is None:
@@ -121,9 +120,9 @@ def answer(engine, profile: profile_lib.AlignmentProfile, question: str,
   tokenizer = engine.model.tokenizer
   tokens = prompts.encode_chat_prompt(tokenizer, profile.system_prompt, question)
   eos = [i for i in {tokenizer.eos_token_id} if i is not None]
-  (out,) = dpo_generate.generate(engine.model.params, engine.config, [tokens],
-                                 adapters=profile.adapters, steering=steering, eos_ids=eos,
-                                 **options)
+  (out,) = scoring.generate(engine.model.params, engine.config, [tokens],
+                            adapters=profile.adapters, steering=steering, eos_ids=eos,
+                            **options)
   return tokenizer.decode(out, skip_special_tokens=True).strip()
 
 

@@ -108,15 +108,19 @@ def _check_steering(steering, config: ModelConfig, leads: Sequence[tuple[int, ..
                        "([..., layers, heads, head_dim])")
 
 
-def _check_context_adapters(adapters, config: ModelConfig, contexts: int, what: str) -> None:
-  """Raises unless every adapter leaf is `[contexts, layers, ...]` for this model."""
+def _check_context_adapters(adapters, config: ModelConfig, contexts: int | None,
+                            what: str) -> None:
+  """Raises unless every adapter leaf is `[contexts, layers, ...]` for this model (`[layers,
+  ...]`, one adapter for everything, when contexts is None)."""
   try:
     lead = check_adapters(adapters, config)
   except ValueError as err:
     raise UserInputError(f"{what}: {err}") from None
   if lead != contexts:
     raise UserInputError(f"{what}: adapters need a leading axis of {contexts} (one per "
-                         f"context), got {lead}")
+                         f"context), got {lead}" if contexts is not None else
+                         f"{what}: one adapter shared by every prompt, without a leading axis "
+                         f"(got one of {lead})")
 
 
 # --- jitted kernels ---------------------------------------------------------------------------
@@ -428,7 +432,7 @@ def capture_head_outputs(params: Params, config: ModelConfig, sequences: Sequenc
 # --- generation -------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample"))
-def _generate(params, config, tokens, n_pad, steering, eos_ids, key, temperature,
+def _generate(params, config, tokens, n_pad, steering, adapters, eos_ids, key, temperature,
               max_new_tokens: int, sample: bool):
   """Left-padded prompts int32[B, P] -> generated int32[B, max_new_tokens], done bool[B]."""
   B, P = tokens.shape
@@ -442,7 +446,7 @@ def _generate(params, config, tokens, n_pad, steering, eos_ids, key, temperature
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   prefill = forward(params, config, tokens, jnp.maximum(slots - n_pad[:, None], 0),
-                    attention_mask=prompt_mask, steering=steering,
+                    attention_mask=prompt_mask, steering=steering, adapters=adapters,
                     logits_positions=jnp.full((B, 1), P - 1), return_kv=True)
   grow = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)))
   keys, values = grow(prefill.kv_cache.keys), grow(prefill.kv_cache.values)
@@ -459,7 +463,8 @@ def _generate(params, config, tokens, n_pad, steering, eos_ids, key, temperature
   def step(state):
     t, token, keys, values, mask, generated, done, key = state
     out = forward(params, config, token[:, None], (lengths + t - 1)[:, None],
-                  kv_cache=KVCache(keys, values, mask), steering=steering, return_kv=True)
+                  kv_cache=KVCache(keys, values, mask), steering=steering, adapters=adapters,
+                  return_kv=True)
     slot = P + t - 1
     keys = jax.lax.dynamic_update_slice_in_dim(keys, out.kv_cache.keys, slot, axis=2)
     values = jax.lax.dynamic_update_slice_in_dim(values, out.kv_cache.values, slot, axis=2)
@@ -475,13 +480,16 @@ def _generate(params, config, tokens, n_pad, steering, eos_ids, key, temperature
 
 
 def generate(params: Params, config: ModelConfig, prompts: Sequence, max_new_tokens: int, *,
-             steering=None, temperature: float = 0.0, seed: int = 0,
-             eos_ids: Sequence[int] = ()) -> list[np.ndarray]:
+             steering=None, adapters: dict | None = None, temperature: float = 0.0,
+             seed: int = 0, eos_ids: Sequence[int] = ()) -> list[np.ndarray]:
   """Continues each prompt with a key/value cache: greedy, or sampled if temperature > 0.
 
   prompts: B token-id sequences (ragged: left-padded internally).
   steering: None, [layers, heads, head_dim] or [B, layers, heads, head_dim]; applied to the
     prompt and every generated token.
+  adapters: None or forward-form LoRA factors `{target: {"a": [layers, in, rank], "b":
+    [layers, rank, out]}}` shared by every prompt (e.g. a DPO profile's), in every forward
+    pass, so the cache holds the adapted keys and values.
   seed: PRNG seed for sampling (same seed, same output). eos_ids: generation of a row stops
     after it emits one of these (the eos token is included in its output).
   -> B int32 arrays of generated ids (at most max_new_tokens each).
@@ -494,11 +502,14 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence, max_new_tok
   if steering is not None:
     _check_steering(steering, config, [(), (len(prompts),)], "generate")
     steering = jnp.asarray(steering)
+  if adapters is not None:
+    _check_context_adapters(adapters, config, None, "generate")
+    adapters = jax.tree.map(jnp.asarray, adapters)
   length = bucket_length(max(map(len, prompts)))
   tokens, lengths = _pad(prompts, length, left=True)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   generated = np.asarray(_generate(
-      params, config, jnp.asarray(tokens), jnp.asarray(length - lengths), steering, eos,
+      params, config, jnp.asarray(tokens), jnp.asarray(length - lengths), steering, adapters, eos,
       jax.random.key(seed), jnp.float32(max(temperature, 1e-6)), max_new_tokens=max_new_tokens,
       sample=temperature > 0))
   out = []

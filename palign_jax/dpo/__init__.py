@@ -4,7 +4,6 @@
 * `train`: completion log-probabilities, the DPO loss, and many adapters trained at once (one
   compiled step vmapped over rows that share the frozen base weights), with snapshots at
   candidate step counts and a per-row stop on a non-finite loss.
-* `generate`: text generation under an adapter (what `launch.chat` uses for a DPO profile).
 
 Give it token tables of prompts and completions and each row's preference pairs. The PAPI
 protocol (pairs from a subject's answers, folds, the honest choice of the number of steps)

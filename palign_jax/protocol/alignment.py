@@ -58,21 +58,28 @@ class AlignSettings:
     if int(pas.folds) < 2:
       raise UserInputError(f"config.pas.folds: {pas.folds} folds leave nothing to validate on; "
                            "use 2 or more")
-    decodings = tuple(d.strip() for d in str(config.readout.decodings).split(",") if d.strip())
-    unknown = [d for d in decodings if d not in readout.DECODINGS]
-    if unknown or not decodings:
-      raise UserInputError(f"config.readout.decodings: {unknown or decodings} is not a list of "
-                           f"{', '.join(readout.DECODINGS)}")
-    choice = str(config.readout.choice)
-    if choice != "kfold" and choice not in decodings:
-      raise UserInputError(f"config.readout.choice: {choice!r} is neither 'kfold' nor one of "
-                           f"the decodings {decodings}")
+    decodings, choice = readout_settings(config)
     return cls(fit=pas_fit.FitSettings(
         top_k=top_k, c=float(probe.c), val_fraction=float(probe.val_fraction),
         split_by=str(probe.split_by), min_items=int(probe.min_items),
         max_iter=int(probe.max_iter), tol=float(probe.tol)),
         alphas=alphas, folds=int(pas.folds), seed=int(config.seed), decodings=decodings,
         choice=choice)
+
+
+def readout_settings(config) -> tuple[tuple[str, ...], str]:
+  """`(decodings, choice)` from `config.readout`, checked: the readouts scored, and "kfold" or
+  the one readout the headline rows use."""
+  decodings = tuple(d.strip() for d in str(config.readout.decodings).split(",") if d.strip())
+  unknown = [d for d in decodings if d not in readout.DECODINGS]
+  if unknown or not decodings:
+    raise UserInputError(f"config.readout.decodings: {unknown or decodings} is not a list of "
+                         f"{', '.join(readout.DECODINGS)}")
+  choice = str(config.readout.choice)
+  if choice != "kfold" and choice not in decodings:
+    raise UserInputError(f"config.readout.choice: {choice!r} is neither 'kfold' nor one of "
+                         f"the decodings {decodings}")
+  return decodings, choice
 
 
 @dataclasses.dataclass

@@ -97,15 +97,7 @@ class DpoSettings:
     for ok, message in checks:
       if not ok:
         raise UserInputError(message)
-    decodings = tuple(x.strip() for x in str(config.readout.decodings).split(",") if x.strip())
-    unknown = [x for x in decodings if x not in readout.DECODINGS]
-    if unknown or not decodings:
-      raise UserInputError(f"config.readout.decodings: {unknown or decodings} is not a list of "
-                           f"{', '.join(readout.DECODINGS)}")
-    choice = str(config.readout.choice)
-    if choice != "kfold" and choice not in decodings:
-      raise UserInputError(f"config.readout.choice: {choice!r} is neither 'kfold' nor one of "
-                           f"the decodings {decodings}")
+    decodings, choice = alignment.readout_settings(config)
     seed = config.seed if d.get("seed") is None else d.seed
     return cls(beta=float(d.beta), rank=int(d.rank), lora_alpha=float(d.lora_alpha),
                targets=targets, learning_rates=rates, max_steps=int(d.max_steps),
