@@ -26,7 +26,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.pas.top_k = 24  # heads kept per subject, a count (the reference's value)
   # A share of all heads in (0, 1] instead; when set, it is used and top_k is ignored.
   config.pas.top_k_fraction = config_dict.placeholder(float)
-  config.pas.alphas = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)  # candidates; must include 0
+  # The alpha grid (palign_jax/protocol/alpha_range.py). "model_range": measured once per
+  # model on known items only: the largest probe alpha at which the steered model still
+  # answers with a letter (config.selection's letter-mass rule), times config.pas.range
+  # .fractions. The paper's alphas were set for 8B models; a 135M model stops answering with
+  # a letter long before alpha 8. "fixed": config.pas.alphas as given (the paper's grid).
+  config.pas.alpha_grid = "model_range"
+  config.pas.alphas = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)  # the fixed grid; must include 0
+  config.pas.range = ml_collections.ConfigDict()
+  config.pas.range.subjects = "0:4"  # PAPI subjects whose known answers (only) steer the probes
+  config.pas.range.items_per_trait = 2  # known items scored per trait and probe alpha
+  config.pas.range.probe_alphas = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+  config.pas.range.fractions = (0.25, 0.5, 0.75, 1.0)  # the grid: 0 and alpha_max x these
   config.pas.folds = 3  # k of the honest k-fold alpha selection over the 120 known items
   config.pas.selection = "kfold_known"  # launch.align: kfold_known (honest) or oracle_test
   # launch.align: the readout whose alpha a profile keeps: "chosen" (each subject's own, picked
@@ -62,12 +73,32 @@ def get_config() -> ml_collections.ConfigDict:
   # None: config.seed.
   config.dpo.seed = config_dict.placeholder(int)
 
+  # Honest selection of PAS's alpha and DPO's steps on the known items
+  # (palign_jax/protocol/selection.py). Fixed before any test result was looked at, for these
+  # reasons: the readout renormalises over the five letters, so where the steered model puts
+  # little mass on them its "answer" is noise. At alpha 0 the letter mass is ~0.99; a
+  # candidate keeping under 90% of it on average, or whose 10% least letter-like items keep
+  # under half of alpha 0's, has stopped answering the question as asked. And 120 known items
+  # are a noisy judge (40 per fold): one standard error of slack toward "no change" is the
+  # usual guard against picking noise (Hastie et al., The Elements of Statistical Learning,
+  # 7.10).
+  config.selection = ml_collections.ConfigDict()
+  config.selection.min_mass_ratio = 0.9  # mean letter mass >= 0.9 x alpha 0's
+  config.selection.mass_quantile = 0.1  # the low quantile of the per-item letter mass ...
+  config.selection.min_low_mass_ratio = 0.5  # ... >= 0.5 x alpha 0's
+  config.selection.se_rule = 1.0  # standard errors (over items) of slack toward no change
+
   config.readout = ml_collections.ConfigDict()
   # How answers are read from the letter distribution (palign_jax/readout.py), each a row.
   config.readout.decodings = "argmax,median,calibrated,calibrated_median,matched"
   # The headline few_shot and pas rows: "kfold" picks each subject's decoding (and alpha) on
   # the known items; or name one decoding to use it for everybody.
   config.readout.choice = "kfold"
+  # Also the paper's own readout for few_shot and pas: greedy generation of up to 15 tokens,
+  # the option parsed from the text as the reference does (palign_jax/generated.py); a row
+  # `method [generated]`, with its agreement with the argmax letter and the unparsable count.
+  # Off by default: it decodes token by token (benchmarks/RESULTS_generated.md).
+  config.readout.generated = False
 
   config.scoring = ml_collections.ConfigDict()
   # Questions per compiled call; 10 divides every item count the protocol scores (180 held-out

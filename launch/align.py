@@ -81,8 +81,8 @@ def run(config, output_dir: str) -> store.ResultStore:
 
   from palign_jax import engine as engine_lib
   engine = engine_lib.Engine.from_config(config)
-  settings = alignment_lib.AlignSettings.from_config(
-      config, engine.config.num_layers * engine.config.num_heads)
+  settings = alignment_lib.AlignSettings.for_engine(  # the alpha grid too
+      config, engine, progress=lambda label: print(label, file=sys.stderr))
   if decoding != "chosen" and decoding not in settings.decodings:
     raise UserInputError(f"--config.pas.decoding: {decoding!r} is not among "
                          f"--config.readout.decodings ({', '.join(settings.decodings)})")
@@ -93,7 +93,8 @@ def run(config, output_dir: str) -> store.ResultStore:
       "prompt_version": prompts.PROMPT_VERSION, "seed": int(config.seed),
       "pas": {k: ([float(a) for a in v] if k == "alphas" else v)
               for k, v in config.pas.to_dict().items()},
-      "probe": config.probe.to_dict(), "readout": config.readout.to_dict()}
+      "probe": config.probe.to_dict(), "readout": config.readout.to_dict(),
+      "selection": config.selection.to_dict()}
   common.check_same_run(identity, process, processes)
   results_store = store.ResultStore(out, identity, store.shard_file(process, processes))
   method = METHOD_OF[selection]

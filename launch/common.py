@@ -56,6 +56,9 @@ def missing_runtime_requirement(path: pathlib.Path = REQUIREMENTS) -> str | None
 
 def require_runtime() -> None:
   """Exits with a one-line message (status 2) if a runtime requirement is missing."""
+  # transformers advises at import that PyTorch was not found; the runtime needs no PyTorch
+  # (models are Flax, transformers only tokenises), so the advice would only mislead.
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   message = missing_runtime_requirement()
   if message:
     print(f"error: {message}", file=sys.stderr)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from palign_jax import data, parallel, prompts, scoring, store
 from palign_jax.errors import UserInputError
 from palign_jax.evaluation import methods as methods_lib
-from palign_jax.evaluation import plots, report
+from palign_jax.evaluation import metrics, plots, report
 from palign_jax.protocol import alignment as alignment_lib
 
 _CONFIG = common.config_flag()
@@ -51,7 +51,8 @@ def identity_of(config, engine=None) -> dict:
   identity = {"prompt_version": prompts.PROMPT_VERSION, "seed": int(config.seed),
               "pas": {k: v for k, v in config.pas.to_dict().items()
                       if k not in ("selection", "decoding")},
-              "probe": config.probe.to_dict(), "readout": config.readout.to_dict()}
+              "probe": config.probe.to_dict(), "readout": config.readout.to_dict(),
+              "selection": config.selection.to_dict()}
   identity["pas"]["alphas"] = [float(a) for a in identity["pas"]["alphas"]]
   if "dpo" in _parse_methods(config.methods):  # only then: other runs' directories still match
     identity["dpo"] = config.dpo.to_dict()
@@ -83,8 +84,12 @@ def run(config, output_dir: str) -> dict:
   if llm_methods:
     from palign_jax import engine as engine_lib  # imports JAX; baselines-only runs skip it
     engine = engine_lib.Engine.from_config(config)
-    settings = alignment_lib.AlignSettings.from_config(
-        config, engine.config.num_layers * engine.config.num_heads)
+    if any(m in ("pas", "pas_oracle_test") for m in llm_methods):
+      settings = alignment_lib.AlignSettings.for_engine(  # the alpha grid
+          config, engine, progress=lambda label: print(label, file=sys.stderr))
+    else:
+      settings = alignment_lib.AlignSettings.from_config(
+          config, engine.config.num_layers * engine.config.num_heads)
     dpo_settings = methods_lib.dpo_settings_for(config, llm_methods)
   identity = identity_of(config, engine)
   common.check_same_run(identity, process, processes)
@@ -124,7 +129,8 @@ def run(config, output_dir: str) -> dict:
   run_info = {"wall_time_s": time.perf_counter() - timing_start, "processes": processes}
   if engine is not None:
     run_info.update(activations=engine.activation_stats,
-                    compiled_programs=scoring.compiled_programs())
+                    compiled_programs=scoring.compiled_programs(),
+                    alphas=list(settings.alphas), alpha_range=settings.alpha_range)
   return write_reports(results_store, methods, subjects, config, output_dir, run_info)
 
 
@@ -135,6 +141,9 @@ def write_reports(results_store: store.ResultStore, methods: list[str], subjects
   summaries, extras = methods_lib.summaries_from_records(
       results_store.records(), methods, subjects.ids, seed=int(config.seed))
   notes = {name: methods_lib.row_note(name, extras[name]) for name in summaries}
+  verdicts = methods_lib.paired_verdicts(results_store.records(), methods, subjects.ids,
+                                         seed=int(config.seed))
+  headline = methods_lib.headline(verdicts)
   missing = sorted({s for s in subjects.ids for m in methods if not results_store.has(s, m)})
   results = {
       "model": results_store.identity.get("model"),
@@ -143,6 +152,8 @@ def write_reports(results_store: store.ResultStore, methods: list[str], subjects
       "subjects_missing": missing,
       "methods": {name: dict(s.as_dict(), **extras[name]) for name, s in summaries.items()},
       "notes": notes,
+      "verdicts": [v.as_dict() for v in verdicts],
+      "headline": headline,
       "run": run_info,
   }
   store.write_json(out / "results.json", results)
@@ -150,20 +161,30 @@ def write_reports(results_store: store.ResultStore, methods: list[str], subjects
   gap = (f" ({len(missing)} not finished yet: {', '.join(missing[:10])}; rerun to complete)"
          if missing else "")
   markdown = store.atomic_path(out / "results.md")
+  verdict_text = ""
+  if verdicts:
+    verdict_text = (
+        "\n\n## Paired verdicts\n\nPer subject, the row's composite error minus the "
+        "reference's (negative: closer to the person); better / tied / worse counts subjects; "
+        "95% CI by a paired bootstrap over subjects. pas is compared with few_shot, the same "
+        "context at alpha 0 read with the same readout, so the difference is the steering "
+        f"alone.\n\n{report.verdict_table(verdicts)}\n")
   markdown.write_text(
-      f"# PAPI evaluation\n\nModel: {results['model']}\nSubjects: {len(subjects)}{gap}\n"
+      f"# PAPI evaluation\n\nModel: {report.model_line(results['model'])}\n"
+      f"Subjects: {len(subjects)}{gap}\n\n{headline + chr(10) * 2 if headline else ''}"
       "Mean absolute error on the held-out items (lower is better); 95% bootstrap CI over "
       "subjects; missing answers = held-out items the subjects left blank (not scored); letter "
       "mass = probability the model gave to the five option letters before renormalisation "
       "(mean over items and subjects / lowest item); s / subject = wall seconds of the work "
-      f"that produced the row.\n\n{table}\n")
+      f"that produced the row.\n\n{table}\n{verdict_text}")
   os.replace(markdown, out / "results.md")
   if config.plots and summaries:
     for name, draw in (
         ("errors_by_trait.png", lambda path: plots.plot_errors(
             {row: s for row, s in summaries.items() if _plotted(row)}, path)),
         ("profile_first_subject.png", lambda path: _plot_first_profile(
-            results_store, methods, subjects, path))):
+            results_store, methods, subjects, path)),
+        ("paired_verdicts.png", lambda path: verdicts and plots.plot_verdicts(verdicts, path))):
       tmp = store.atomic_path(out / name)
       draw(tmp)
       if tmp.stat().st_size:
@@ -193,15 +214,38 @@ def _plot_first_profile(results_store, methods, subjects, path) -> None:
   plots.plot_profile(sid, profiles, path)
 
 
+def summary_text(results: dict, config) -> str:
+  """What the main command prints: the model, the plain verdict, one row per method."""
+  summaries = {row: metrics.Summary(**{k: m[k] for k in (
+      "mean", "ci_low", "ci_high", "n_subjects", "n_unparsable", "n_missing_answers")})
+      for row, m in results["methods"].items()}
+  verdicts = [metrics.Paired(**dict(v, differences=tuple(v["differences"])))
+              for v in results["verdicts"]]
+  missing = results["subjects_missing"]
+  lines = [f"Model: {report.model_line(results['model'])}",
+           f"Subjects: {len(results['subjects'])}"
+           + (f" ({len(missing)} not finished yet; rerun to complete)" if missing else "")]
+  run_info = results.get("run", {})
+  if run_info.get("alphas") is not None:
+    lines.append(f"Alphas: {run_info['alphas']} ({config.pas.alpha_grid} grid)")
+  if results.get("headline"):
+    lines += ["", results["headline"]]
+  lines += ["", "Composite error on the held-out items (sum of the five trait errors, lower is "
+            "better), each method's headline readout:", "",
+            report.headline_table(summaries, results["methods"], verdicts), "",
+            "Per-readout rows, per-trait errors and every paired verdict: results.md"]
+  return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise UserInputError(f"unexpected arguments {argv[1:]}; see --help")
   config = common.resolved_config(_CONFIG, model=_MODEL.value, subjects=_SUBJECTS.value,
                                   methods=_METHODS.value)
   output_dir = common.output_dir("evaluate")
-  run(config, output_dir)
+  results = run(config, output_dir)
   out = pathlib.Path(output_dir)
-  print((out / "results.md").read_text())
+  print(summary_text(results, config))
   pictures = ", ".join(str(p) for p in sorted(out.glob("*.png")))
   print(f"Results: {out / 'results.json'}; table: {out / 'results.md'}"
         + (f"; plots: {pictures}" if pictures else ""))

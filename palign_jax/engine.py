@@ -62,7 +62,7 @@ class Engine:
     self.question_head = _common_prefix(self._suffixes)
     self._content_free = self._content_free_questions()
     self._questions: dict[tuple[int, ...], scoring.QuestionBatches] = {}
-    self._activations: np.ndarray | None = None
+    self._activations: dict[str, np.ndarray] = {}
     self.activation_stats: dict = {}  # seconds to get the activations, and whether cached
 
   @classmethod
@@ -189,35 +189,44 @@ class Engine:
     return self.score([self.context_tokens(s) for s in systems], items,
                       content_free=content_free)
 
-  def _activations_path(self) -> pathlib.Path:
-    return (self.cache_dir / "activations"
-            / f"{self.fingerprint}-{prompts.PROMPT_VERSION}-{self.params_dtype}")
+  def _activations_path(self, which: str = "known") -> pathlib.Path:
+    name = f"{self.fingerprint}-{prompts.PROMPT_VERSION}-{self.params_dtype}"
+    return self.cache_dir / "activations" / (name if which == "known" else f"{name}-{which}")
 
-  def activations(self) -> np.ndarray:
-    """`f32[120, 2, layers, heads, head_dim]`: head outputs at the answer letter A / E.
+  def activations(self, which: str = "known") -> np.ndarray:
+    """`f32[items, 2, layers, heads, head_dim]`: head outputs at the answer letter A / E.
 
-    One run per model over the 120 known items, shared by all subjects; cached on disk.
+    which: "known" (the 120 known items, PAS's shared activations) or "heldout" (the 180 test
+    items, for the `pas_probes` diagnostic; no answer is read). One run per model, shared by
+    all subjects; cached on disk.
     """
-    if self._activations is None:
+    if which not in ("known", "heldout"):
+      raise ValueError(f"activations: {which!r} is not 'known' or 'heldout'")
+    if which not in self._activations:
       start = time.perf_counter()
-      path = self._activations_path()
+      path = self._activations_path(which)
       cached = load_activations(path, self.fingerprint) if path.exists() else None
-      self.activation_stats = {"from_cache": cached is not None}
+      stats = {"from_cache": cached is not None}
       if cached is None:
-        cached = self._compute_activations()
+        cached = self._compute_activations(which)
         save_activations(path, cached, self.fingerprint)
-      self._activations = cached
-      self.activation_stats["seconds"] = time.perf_counter() - start
-    return self._activations
+      self._activations[which] = cached
+      stats["seconds"] = time.perf_counter() - start
+      if which == "known":
+        self.activation_stats.update(stats)
+      else:
+        self.activation_stats["heldout"] = stats
+    return self._activations[which]
 
-  def _compute_activations(self) -> np.ndarray:
+  def _compute_activations(self, which: str = "known") -> np.ndarray:
     split, items = data.load_split(), data.load_items()
+    indices = split.known if which == "known" else split.heldout
     sequences = [prompts.encode_activation_prompt(self.model.tokenizer, items.text[j], letter)
-                 for j in split.known for letter in ACTIVATION_LETTERS]
+                 for j in indices for letter in ACTIVATION_LETTERS]
     heads = scoring.capture_head_outputs(self.model.params, self.model.config, sequences,
                                          batch_size=16 * self.data_shards, mesh=self.mesh)
     heads = np.asarray(heads, np.float32)
-    return heads.reshape((len(split.known), len(ACTIVATION_LETTERS)) + heads.shape[1:])
+    return heads.reshape((len(indices), len(ACTIVATION_LETTERS)) + heads.shape[1:])
 
   def generate(self, system: str, user: str, steering: np.ndarray | None = None, *,
                max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 0) -> str:

@@ -58,13 +58,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def tiny_run_config(model_dir, **overrides):
-  """configs/default.py sized for the tiny model: 2 subjects, 2 alphas, 2 folds, 6 heads."""
+  """configs/default.py sized for the tiny model: 2 subjects, 2 fixed alphas, 2 folds, 6 heads."""
   from configs import default
   config = default.get_config()
   config.model = str(model_dir)
   config.subjects = "0:2"
   config.subjects_per_batch = 2
   config.pas.top_k = 6
+  config.pas.alpha_grid = "fixed"
   config.pas.alphas = (0.0, 4.0)
   config.pas.folds = 2
   config.scoring.question_batch = 32

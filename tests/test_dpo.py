@@ -422,9 +422,17 @@ def test_protocol_result(dpo_results, tiny_engine):
     assert r.trained and r.num_pairs > 0 and r.chosen_steps in (0, 2, 4)
     assert set(r.fold_error) == set(settings.decodings)
     assert all(e.shape == (1, 3) and np.isfinite(e).all() for e in r.fold_error.values())
-    best = min(float(np.min(r.fold_error[d])) for d in r.decodings)
-    assert r.fold_error[r.chosen_decoding][0, list(r.candidate_steps).index(r.chosen_steps)] == (
-        pytest.approx(best))
+    # The shared selection: the readout best at step 0, then the fewest steps within one
+    # standard error of the best (protocol.selection).
+    at_zero = {d: r.fold_error[d][0, 0] for d in r.decodings}
+    assert r.chosen_decoding == min(r.decodings, key=lambda d: (at_zero[d],
+                                                                r.decodings.index(d)))
+    chosen = r.fold_error[r.chosen_decoding][0, list(r.candidate_steps).index(r.chosen_steps)]
+    assert r.selection["chosen"] == r.chosen_steps and r.selection["decoding"] == (
+        r.chosen_decoding)
+    assert chosen <= r.selection["bar"] + 1e-12
+    assert all(e > r.selection["bar"] for e in r.fold_error[r.chosen_decoding][0][
+        :list(r.candidate_steps).index(r.chosen_steps)])
     assert r.test_log_probs.shape == (len(HELDOUT), 5) and r.test_prior.shape == (5,)
     assert r.known_log_probs.shape == (120, 5) and r.loss.shape == (1, 4)
     assert r.loss[0, 0] == pytest.approx(np.log(2), rel=1e-4)

@@ -8,6 +8,10 @@ LLM methods (all read the answer from the next-token distribution over A..E, `re
   * `pas`: few-shot context + steering, alpha chosen by k-fold over the known items (honest);
   * `pas_oracle_test`: the reference's protocol, alpha chosen by the test error itself
     (optimistic; labelled so everywhere);
+  * `pas_probes`: a diagnostic beside PAS, not PAS: the subject's own probes (fitted on the
+    known items) read on the held-out items' head outputs, averaged over the kept heads and
+    mapped to 1..5 on the known items out of fold; no generation. It says whether the person
+    is linearly present in the heads even where steering fails to express it;
   * `dpo` (only when asked for, `--methods=...,dpo`: it trains a LoRA adapter per subject, far
     slower than the rest on a CPU): DPO on preference pairs from the known answers, the number
     of steps chosen by k-fold over the known items (`protocol.dpo`).
@@ -30,7 +34,8 @@ from palign_jax.protocol import dpo as dpo_lib
 from palign_jax.protocol import records as records_lib
 
 # The model's rows run by default (configs/default.py lists them).
-LLM_METHODS = ("zero_shot", "few_shot", "personality_prompt", "pas", "pas_oracle_test")
+LLM_METHODS = ("zero_shot", "few_shot", "personality_prompt", "pas", "pas_oracle_test",
+               "pas_probes")
 # Model rows run only when named in --methods: DPO trains adapters, far slower than the other
 # rows on a CPU (benchmarks/RESULTS_dpo.md).
 OPT_IN_METHODS = ("dpo",)
@@ -41,6 +46,8 @@ METHOD_NOTES = {
     "pas": "alpha chosen by k-fold over the known items (honest)",
     "pas_oracle_test": "reference protocol: alpha chosen on the TEST items (optimistic)",
     "few_shot": "PAS with alpha = 0",
+    "pas_probes": "diagnostic: the subject's probes read on the test items' heads (no "
+                  "generation)",
     "zero_shot": "no subject information",
     "personality_prompt": "P² description as system prompt",
     "dpo": "LoRA DPO on the known answers, steps chosen by k-fold on the known items",
@@ -143,10 +150,14 @@ def llm_records(engine, subjects: data.Subjects, methods: Sequence[str],
             subjects.ids[k], "personality_prompt", log_probs[row], subjects.answers[k],
             p2_decodings, prior=prior[row], seconds_per_subject=seconds)
   wanted = [m for m in SWEEP_METHODS if m in methods]
+  if "pas_probes" in wanted:
+    progress("pas_probes: head outputs on the test items (once per model)")
   if wanted:
     alignments = alignment_lib.align_subjects(
         engine, engine.activations(), subjects, settings, selections=selections_for(wanted),
-        progress=progress)
+        heldout_activations=(engine.activations("heldout") if "pas_probes" in wanted
+                             else None),
+        score_test=any(m != "pas_probes" for m in wanted), progress=progress)
     for alignment, answers in zip(alignments, subjects.answers, strict=True):
       seconds = sum(alignment.work["stage_seconds"].values()) / len(subjects)
       yield from records_lib.pas_records(alignment, answers, wanted,
@@ -180,36 +191,90 @@ def row_note(row: str, extra: dict) -> str:
   return "; ".join(n for n in notes if n).replace("|", "/")  # a pipe would split the cell
 
 
+def _row_entries(records: Sequence[dict], methods: Sequence[str], subject_ids: Sequence[str]):
+  """Yields `(row name, records, entries)` per (method, decoding), subjects in order."""
+  by_key = {(r["subject"], r["method"]): r for r in records}
+  for method in methods:
+    rows = [by_key[(s, method)] for s in subject_ids if (s, method) in by_key]
+    if not rows:
+      continue
+    for decoding in rows[0]["decodings"]:
+      yield (row_name(method, decoding, rows[0]["decodings"]), rows,
+             [r["decodings"][decoding] for r in rows])
+
+
 def summaries_from_records(records: Sequence[dict], methods: Sequence[str],
                            subject_ids: Sequence[str], seed: int = 0
                            ) -> tuple[dict[str, metrics.Summary], dict[str, dict]]:
   """Per (method, decoding) summaries over the given subjects, and per row: mean seconds per
   subject, the letter mass (mean over items and subjects, minimum over both) and, on the
   method's headline row, the subjects' record notes ("subject: note", see `row_note`)."""
-  by_key = {(r["subject"], r["method"]): r for r in records}
   summaries, extras = {}, {}
-  for method in methods:
-    rows = [by_key[(s, method)] for s in subject_ids if (s, method) in by_key]
-    if not rows:
-      continue
-    for decoding in rows[0]["decodings"]:
-      name = row_name(method, decoding, rows[0]["decodings"])
-      entries = [r["decodings"][decoding] for r in rows]
-      errors = np.array([[np.nan if e["errors"][t] is None else e["errors"][t]
-                          for t in data.TRAITS] for e in entries], np.float64)
-      result = metrics.SubjectErrors(
-          ids=tuple(r["subject"] for r in rows), errors=errors,
-          n_unparsable=np.array([e["n_unparsable"] for e in entries]),
-          n_missing_answers=np.array([e["n_missing_answers"] for e in entries]))
-      summaries[name] = metrics.summarize(result, seed=seed)
-      masses = [e["letter_mass"] for e in entries if "letter_mass" in e]
-      extras[name] = {
-          "seconds_per_subject": float(np.mean([r.get("seconds_per_subject", np.nan)
-                                                for r in rows])),
-          "letter_mass_mean": float(np.mean([m["mean"] for m in masses])) if masses else None,
-          "letter_mass_min": float(np.min([m["min"] for m in masses])) if masses else None,
-      }
-      subject_notes = [f"subject {r['subject']}: {r['note']}" for r in rows if r.get("note")]
-      if name == method and subject_notes:
-        extras[name]["subject_notes"] = subject_notes
+  for name, rows, entries in _row_entries(records, methods, subject_ids):
+    method = rows[0]["method"]
+    errors = np.array([[np.nan if e["errors"][t] is None else e["errors"][t]
+                        for t in data.TRAITS] for e in entries], np.float64)
+    result = metrics.SubjectErrors(
+        ids=tuple(r["subject"] for r in rows), errors=errors,
+        n_unparsable=np.array([e["n_unparsable"] for e in entries]),
+        n_missing_answers=np.array([e["n_missing_answers"] for e in entries]))
+    summaries[name] = metrics.summarize(result, seed=seed)
+    masses = [e["letter_mass"] for e in entries if "letter_mass" in e]
+    extras[name] = {
+        "seconds_per_subject": float(np.mean([r.get("seconds_per_subject", np.nan)
+                                              for r in rows])),
+        "letter_mass_mean": float(np.mean([m["mean"] for m in masses])) if masses else None,
+        "letter_mass_min": float(np.min([m["min"] for m in masses])) if masses else None,
+    }
+    subject_notes = [f"subject {r['subject']}: {r['note']}" for r in rows if r.get("note")]
+    if name == method and subject_notes:
+      extras[name]["subject_notes"] = subject_notes
   return summaries, extras
+
+
+# What a user must see to know whether aligning helped: each aligned row against the same
+# model unaligned (few_shot: the same context, alpha 0, the same readout as pas) and against
+# the simplest floor, "always answer 3". The calibrated and matched readouts are compared too.
+ALIGNED_ROWS = ("pas", "dpo", "pas_probes")
+VERDICT_REFERENCES = ("few_shot", "constant_3")
+COMPARED_DECODINGS = ("calibrated", "calibrated_median", "matched")
+
+
+def verdict_rows(rows: Sequence[str]) -> list[tuple[str, str]]:
+  """`(row, reference)` pairs to compare, of those present in `rows`."""
+  candidates = [r for r in rows if r in ALIGNED_ROWS]
+  candidates += [r for r in rows if r.split(" ")[0] in ("few_shot", "pas")
+                 and any(r.endswith(f"[{d}]") for d in COMPARED_DECODINGS)]
+  pairs = [(r, ref) for r in candidates
+           for ref in (("zero_shot",) if r == "dpo" else ()) + VERDICT_REFERENCES
+           if ref in rows and ref != r]
+  if "few_shot" in rows and "constant_3" in rows:
+    pairs.insert(0, ("few_shot", "constant_3"))
+  return pairs
+
+
+def paired_verdicts(records: Sequence[dict], methods: Sequence[str],
+                    subject_ids: Sequence[str], seed: int = 0) -> list[metrics.Paired]:
+  """Per-subject paired comparisons (`verdict_rows`) over the subjects both rows have."""
+  sums = {}
+  for name, rows, entries in _row_entries(records, methods, subject_ids):
+    by_subject = {r["subject"]: e["sum"] for r, e in zip(rows, entries, strict=True)}
+    sums[name] = np.array([np.nan if by_subject.get(s) is None else by_subject[s]
+                           for s in subject_ids], np.float64)
+  return [metrics.paired(row, sums[row], ref, sums[ref], seed=seed)
+          for row, ref in verdict_rows(list(sums))]
+
+
+def headline(verdicts: Sequence[metrics.Paired]) -> str:
+  """One plain sentence per aligned method: did aligning help, against the same model
+  unaligned (pas: few_shot, the same context at alpha 0; dpo: zero_shot, its base model)?"""
+  lines = []
+  for v in verdicts:
+    if (v.row, v.reference) in (("pas", "few_shot"), ("dpo", "zero_shot")):
+      reading = ("lower error than" if v.ci_high < 0 else "higher error than" if v.ci_low > 0
+                 else "no clear difference from")
+      lines.append(f"Aligning with {v.row} helped {v.wins} of {v.n_subjects} subjects "
+                   f"(hurt {v.losses}, {v.ties} unchanged); mean change in composite error "
+                   f"{v.mean:+.3f} (95% CI {v.ci_low:+.3f} to {v.ci_high:+.3f}): {reading} "
+                   f"the same model unaligned ({v.reference}).")
+  return "\n".join(lines)

@@ -123,3 +123,33 @@ def plot_profile(subject_id: str, profiles: dict[str, np.ndarray],
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def plot_verdicts(verdicts, path: str | pathlib.Path, title: str = "") -> None:
+  """Paired verdicts (`metrics.Paired`): per-subject change of the composite error of each
+  row against its reference (dots), the mean with its paired bootstrap 95% CI (black), and
+  zero (no change). Left of zero: the row is closer to the person."""
+  rows = len(verdicts)
+  fig, ax = plt.subplots(figsize=(10, 1.6 + 0.45 * rows), dpi=100)
+  rng = np.random.default_rng(0)  # jitter only
+  for k, v in enumerate(verdicts):
+    diffs = np.asarray(v.differences, np.float64)
+    colours = np.where(diffs < -1e-9, "#2e8b57", np.where(diffs > 1e-9, "#c0392b", "#888888"))
+    ax.scatter(diffs, k + rng.uniform(-0.18, 0.18, len(diffs)), s=14, c=colours, alpha=0.7,
+               linewidths=0)
+    ax.errorbar(v.mean, k, xerr=[[v.mean - v.ci_low], [v.ci_high - v.mean]], fmt="o",
+                color="black", capsize=3, markersize=5)
+    ax.text(1.01, k, f"{v.wins} better / {v.ties} tied / {v.losses} worse",
+            transform=ax.get_yaxis_transform(), va="center", fontsize=8)
+  ax.axvline(0, color="#444444", linewidth=1, linestyle="--")
+  ax.set_yticks(np.arange(rows), [f"{v.row}  vs  {v.reference}" for v in verdicts], fontsize=9)
+  ax.set_ylim(rows - 0.5, -0.5)
+  ax.set_xlabel("per-subject change in composite error (row - reference); left of 0 = closer "
+                "to the person", fontsize=9)
+  n = max((v.n_subjects for v in verdicts), default=0)
+  ax.set_title(title or f"Paired verdicts, {n} subject{'s' * (n != 1)}: dots = subjects, "
+               "black = mean with 95% CI", fontsize=10)
+  fig.subplots_adjust(left=0.3, right=0.8, top=1 - 0.5 / fig.get_figheight(),
+                      bottom=0.9 / fig.get_figheight())
+  fig.savefig(path)
+  plt.close(fig)

@@ -191,3 +191,21 @@ def steering_for_alpha(fit: PasFit, alpha) -> jax.Array:
   alpha = jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), fit.valid.shape)
   scale = jnp.where(fit.head_mask, fit.sigma, 0.0) * alpha[:, None, None]
   return scale[..., None] * fit.directions
+
+
+@jax.jit
+def item_scores(fit: PasFit, activations: jax.Array) -> jax.Array:
+  """`float32[S, items]`: each subject's probes read on items' head outputs.
+
+  activations: `float[items, 2, L, H, D]`, `[:, 0]` with answer "A", `[:, 1]` with "E" (as
+  `fit_pas` takes them). Per kept head, the probe's probability that the "A" version is the
+  subject's (label 1) minus that for the "E" version, in [-1, 1]; averaged over the subject's
+  kept heads (0 for a subject without any). Higher: the subject agrees with the item.
+  """
+  x = activations.astype(jnp.float32)
+  logits = jnp.einsum("nvlhd,slhd->snvlh", x, fit.probe_coef) + fit.probe_intercept[:, None,
+                                                                                    None]
+  prob = jax.nn.sigmoid(logits)
+  agree = prob[:, :, 0] - prob[:, :, 1]  # [S, items, L, H]
+  keep = fit.head_mask[:, None].astype(jnp.float32)
+  return (agree * keep).sum((-1, -2)) / jnp.maximum(keep.sum((-1, -2)), 1.0)

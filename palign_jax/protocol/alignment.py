@@ -5,12 +5,18 @@ For a batch of subjects, `align_subjects`:
 1. fits PAS on each subject's 120 known answers (probes, kept heads, directions, sigma);
 2. `kfold_known` (honest): for each of k folds of the known items (stratified by trait, the
    same for all subjects), refits PAS and rebuilds the few-shot context from the other folds'
-   answers only, scores the fold's items at every alpha, and picks, per decoding, the alpha
-   with the lowest mean absolute error over all folds (ties go to the smaller alpha);
+   answers only, scores the fold's items at every alpha, and lets `selection` choose, on
+   those out-of-fold scores alone, the readout (at alpha 0) and then the alpha: the benchmark's
+   metric, letter-mass admissibility, one standard error toward alpha 0; every readout's row
+   then reads the test items at that one alpha;
 3. scores the held-out items only where asked: alpha 0 (the few-shot row) and each subject's
    chosen alphas, or every alpha when `oracle_test` is requested;
 4. `oracle_test` (the reference's protocol, optimistic by construction): per decoding, the
-   alpha with the lowest error on the held-out test items themselves.
+   alpha with the lowest error on the held-out test items themselves;
+5. `pas_probes` (a diagnostic, when the held-out items' head activations are given): the
+   subject's own probes applied to the held-out items' A/E head outputs, averaged over the
+   kept heads and read out to 1..5 by a quantile map fitted on the known items out of fold.
+   No generation: it shows whether the person is linearly present in the heads.
 
 It returns one `SubjectAlignment` per subject, which `launch.align`, `launch.evaluate` and the
 alignment profiles all consume, and which says what was computed and how long each stage took.
@@ -27,10 +33,12 @@ import jax
 import numpy as np
 
 from palign_jax import data, parallel, prompts, readout
+from palign_jax import generated as generated_lib
 from palign_jax.errors import UserInputError
 from palign_jax.pas import fit as pas_fit
 from palign_jax.pas import heads as pas_heads
-from palign_jax.protocol import metric
+from palign_jax.protocol import alpha_range, metric
+from palign_jax.protocol import selection as selection_lib
 
 SELECTIONS = ("kfold_known", "oracle_test")
 
@@ -45,6 +53,9 @@ class AlignSettings:
   seed: int
   decodings: tuple[str, ...]  # readouts scored (see `readout`)
   choice: str  # "kfold" (decoding chosen per subject on the known items) or a fixed decoding
+  selection: selection_lib.SelectionSettings
+  generated: bool = False  # also the paper's generated readout at alpha 0 and the chosen alpha
+  alpha_range: dict | None = None  # how a model-range grid was measured (`alpha_range`)
 
   @classmethod
   def from_config(cls, config, num_heads_total: int) -> AlignSettings:
@@ -52,9 +63,10 @@ class AlignSettings:
     top_k = pas_heads.resolve_top_k(pas.top_k, pas.top_k_fraction, num_heads_total,
                                     source="config.pas")
     alphas = tuple(sorted({float(a) for a in pas.alphas}))
-    if 0.0 not in alphas:
+    if 0.0 not in alphas or alphas[0] < 0:
       raise UserInputError(f"config.pas.alphas: {tuple(pas.alphas)} must include 0 (no "
-                           "steering: the few-shot row, and a choice the selection can make)")
+                           "steering: the few-shot row, and a choice the selection can make) "
+                           "and no negative alpha (it would steer away from the person)")
     if int(pas.folds) < 2:
       raise UserInputError(f"config.pas.folds: {pas.folds} folds leave nothing to validate on; "
                            "use 2 or more")
@@ -64,7 +76,17 @@ class AlignSettings:
         split_by=str(probe.split_by), min_items=int(probe.min_items),
         max_iter=int(probe.max_iter), tol=float(probe.tol)),
         alphas=alphas, folds=int(pas.folds), seed=int(config.seed), decodings=decodings,
-        choice=choice)
+        choice=choice, selection=selection_lib.SelectionSettings.from_config(config),
+        generated=bool(config.readout.generated))
+
+  @classmethod
+  def for_engine(cls, config, engine, progress: Callable[[str], None] | None = None
+                 ) -> AlignSettings:
+    """`from_config` with the alpha grid resolved for this model (`alpha_range`: the fixed
+    grid, or the model's measured range, cached per model)."""
+    settings = cls.from_config(config, engine.config.num_layers * engine.config.num_heads)
+    alphas, record = alpha_range.resolve(engine, config, settings.fit, progress)
+    return dataclasses.replace(settings, alphas=alphas, alpha_range=record)
 
 
 def readout_settings(config) -> tuple[tuple[str, ...], str]:
@@ -103,6 +125,13 @@ class SubjectAlignment:
   test_prior: dict[float, np.ndarray]  # alpha -> f32[5] content-free prior of that context
   known_log_probs: dict[float, np.ndarray]  # alpha -> f32[120, 5] known items, out of fold
   test_error: dict[str, dict[float, float]]  # decoding -> alpha -> error sum (if answers known)
+  selection: dict | None  # how alpha and readout were chosen (`selection.Selection.record`)
+  probe_predictions: np.ndarray | None  # int[items]: `pas_probes` answers (None: not asked)
+  probe_note: str | None  # why `pas_probes` fell back, if it did
+  # `generated` readout (opt-in): row ("few_shot", "pas") -> int[items] answers parsed from
+  # greedy text (0 = unparsable), and how they agree with the argmax letter
+  generated: dict[str, np.ndarray]
+  generated_agreement: dict[str, dict]
   work: dict  # what was computed (alphas, items, contexts) and seconds per stage (batch totals)
 
   def decoded(self, alpha: float, decoding: str) -> tuple[np.ndarray, str | None]:
@@ -163,6 +192,7 @@ def _contexts(engine, known: np.ndarray) -> list[np.ndarray]:
 def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
                    settings: AlignSettings, *, selections: Sequence[str] = ("kfold_known",),
                    heldout: np.ndarray | None = None,
+                   heldout_activations: np.ndarray | None = None, score_test: bool = True,
                    progress: Callable[[str], None] | None = None) -> list[SubjectAlignment]:
   """Aligns a batch of subjects (see the module docstring).
 
@@ -173,10 +203,16 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
     selections: any of `SELECTIONS`; `kfold_known` runs the folds, `oracle_test` scores every
       alpha on the test items and reads the subjects' held-out answers.
     heldout: the test items (default: the benchmark's 180); may be empty (a user's own answers).
+    heldout_activations: `f32[len(heldout), 2, layers, heads, head_dim]` the same head outputs
+      for the test items (`engine.activations("heldout")`): asks for `pas_probes`.
+    score_test: score the test items at alpha 0 and the chosen alphas (False: only
+      `pas_probes` is wanted, and no selection may be asked for).
   """
   unknown = [s for s in selections if s not in SELECTIONS]
   if unknown:
     raise UserInputError(f"alpha selection {unknown} is not one of {SELECTIONS}")
+  if selections and not score_test:
+    raise ValueError("align_subjects: an alpha selection needs score_test")
   stages = _Stages(progress or (lambda _: None))
   split = data.load_split()
   heldout = split.heldout if heldout is None else np.asarray(heldout)
@@ -202,19 +238,26 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
   full_fit = stages.run("probes", "PAS fit on the known items", fit, known, 0)
 
   decodings = settings.decodings
+  kfold = "kfold_known" in selections
   fold_error: dict[str, np.ndarray] = {}
   chosen: dict[str, dict[str, np.ndarray]] = {}
   choice: dict[str, list[tuple[str, int]]] = {}  # row -> per subject (decoding, alpha index)
+  picks: list[selection_lib.Selection | None] = [None] * len(known)
   known_log_probs = np.zeros((len(known), 0, len(split.known), 5), np.float32)
-  if "kfold_known" in selections:
+  probe_known = np.zeros((len(known), len(split.known)))  # out-of-fold probe scores
+  if kfold or heldout_activations is not None:
     fold = fold_of_known_items(settings.folds, settings.seed)
-    known_log_probs = np.zeros((len(known), len(alphas), len(split.known), 5), np.float32)
-    fold_prior = np.zeros((len(known), settings.folds, len(alphas), 5))
+    if kfold:
+      known_log_probs = np.zeros((len(known), len(alphas), len(split.known), 5), np.float32)
+      fold_prior = np.zeros((len(known), settings.folds, len(alphas), 5))
     for f in range(settings.folds):
       in_fold = fold == f
       visible = np.where(in_fold[None, :], 0, known)
       fold_fit = stages.run("fold_probes", f"fold {f + 1}/{settings.folds}: PAS fit", fit,
                             visible, f + 1)
+      probe_known[:, in_fold] = np.asarray(pas_fit.item_scores(fold_fit, activations[in_fold]))
+      if not kfold:
+        continue
       log_probs, prior = stages.run(
           "fold_sweep", f"fold {f + 1}/{settings.folds}: {len(alphas)} alphas x "
           f"{int(in_fold.sum())} items", engine.score, _contexts(engine, visible),
@@ -222,33 +265,20 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
           content_free=True)
       known_log_probs[:, :, in_fold] = log_probs.reshape(len(known), len(alphas), -1, 5)
       fold_prior[:, f] = prior.reshape(len(known), len(alphas), 5)
-    # Every decoding's error on each fold's items; `matched` maps them with a quantile map fitted
-    # on the other folds' items (scored without their own answers in the context).
-    totals = {d: np.zeros((len(known), len(alphas))) for d in decodings}
-    answered = known > 0
-    for s in range(len(known)):
-      for a in range(len(alphas)):
-        for f in range(settings.folds):
-          in_fold = fold == f
-          actual = known[s, in_fold]
-          for d in decodings:
-            predicted, _ = readout.decode(
-                known_log_probs[s, a, in_fold], d, prior=fold_prior[s, f, a],
-                match=(known_log_probs[s, a, ~in_fold], known[s, ~in_fold]))
-            totals[d][s, a] += np.abs(predicted - actual)[actual > 0].sum()
-    counts = np.maximum(answered.sum(1), 1)[:, None]
-    fold_error = {d: totals[d] / counts for d in decodings}
-    chosen["kfold_known"] = {d: np.argmin(fold_error[d], axis=1) for d in decodings}
-    errors = np.stack([fold_error[d] for d in decodings], 1)  # [S, decodings, A]
-    zero_best = np.argmin(errors[:, :, zero], axis=1)
-    flat_best = np.argmin(errors.reshape(len(known), -1), axis=1)  # first minimum: decoding
-    choice["few_shot"] = [(decodings[i], zero) for i in zero_best]  # order, then smaller alpha
-    choice["pas"] = [(decodings[i // len(alphas)], i % len(alphas)) for i in flat_best]
-  if settings.choice != "kfold" or "kfold_known" not in selections:
+  if kfold:
+    # The choice, on the known items' out-of-fold scores only (`selection`).
+    picks = [selection_lib.select(known_log_probs[s], fold_prior[s], known[s], fold, decodings,
+                                  settings.choice, settings.selection)[0]
+             for s in range(len(known))]
+    fold_error = {d: np.stack([p.errors[d] for p in picks]) for d in decodings}
+    # Every readout's row reads the test items at the headline's alpha: the test sweep
+    # scores alpha 0 and that one alpha, not one alpha per readout.
+    chosen["kfold_known"] = {d: np.array([p.index for p in picks]) for d in decodings}
+    choice["few_shot"] = [(p.decoding, zero) for p in picks]  # the same readout as pas
+    choice["pas"] = [(p.decoding, p.index) for p in picks]
+  else:
     fixed = settings.choice if settings.choice != "kfold" else decodings[0]
     choice["few_shot"] = [(fixed, zero)] * len(known)
-    if "kfold_known" in selections:
-      choice["pas"] = [(fixed, int(chosen["kfold_known"][fixed][s])) for s in range(len(known))]
 
   # The test sweep pays only for what is asked: alpha 0 (few-shot) and the chosen alphas, or
   # every alpha for the oracle.
@@ -262,16 +292,17 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
   pairs = np.array([(s, a) for s in range(len(known)) for a in sorted(wanted[s])], np.int64)
   scored = np.zeros((len(pairs), len(heldout), len(prompts.OPTION_LETTERS)), np.float32)
   priors = np.zeros((len(pairs), len(prompts.OPTION_LETTERS)))
-  if len(heldout):
+  if len(heldout) and score_test:
     scored, priors = stages.run(
         "test_sweep", f"test items: {len(pairs)} (subject, alpha) contexts x {len(heldout)} "
         "items", engine.score, _contexts(engine, known), heldout,
         steering=pas_fit.steering_vectors(full_fit, alphas), pairs=pairs, content_free=True)
   test_log_probs = [{} for _ in range(len(known))]
   test_prior = [{} for _ in range(len(known))]
-  for (s, a), log_probs, prior in zip(pairs, scored, priors, strict=True):
-    test_log_probs[s][float(alphas[a])] = log_probs
-    test_prior[s][float(alphas[a])] = prior
+  if score_test:
+    for (s, a), log_probs, prior in zip(pairs, scored, priors, strict=True):
+      test_log_probs[s][float(alphas[a])] = log_probs
+      test_prior[s][float(alphas[a])] = prior
 
   def matched_on(s, alpha_value):
     index = int(np.flatnonzero(alphas == alpha_value)[0])
@@ -280,7 +311,7 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
     return (known_log_probs[s, index], known[s])
 
   test_error: list[dict[str, dict[float, float]]] = [{} for _ in range(len(known))]
-  if len(heldout) and (subjects.answers[:, heldout] > 0).any():
+  if score_test and len(heldout) and (subjects.answers[:, heldout] > 0).any():
     for s in range(len(known)):
       scored_alphas = sorted(test_log_probs[s])
       for d in decodings:
@@ -295,13 +326,38 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
         d: np.array([int(np.argmin(np.nan_to_num(list(test_error[s][d].values()), nan=np.inf)))
                      for s in range(len(known))]) for d in decodings}
 
-  kfold = "kfold_known" in selections
+  generated: list[dict] = [{} for _ in range(len(known))]
+  agreement: list[dict] = [{} for _ in range(len(known))]
+  if settings.generated and score_test and len(heldout) and "pas" in choice:
+    alpha_of = np.array([alphas[a] for _, a in choice["pas"]], np.float32)
+    steer = pas_fit.steering_for_alpha(full_fit, alpha_of)
+    rows = stages.run(
+        "generated", f"generated readout: {2 * len(known)} contexts x {len(heldout)} items, "
+        "greedy", generated_lib.generate_answers, engine, _contexts(engine, known) * 2,
+        heldout, steering=jax.numpy.concatenate([jax.numpy.zeros_like(steer), steer]))
+    for s in range(len(known)):
+      for row, answers_, alpha in (("few_shot", rows.answers[s], 0.0),
+                                   ("pas", rows.answers[len(known) + s], float(alpha_of[s]))):
+        generated[s][row] = answers_
+        agreement[s][row] = generated_lib.agreement(answers_, test_log_probs[s][alpha])
+  probe_predictions: list = [None] * len(known)
+  probe_notes: list = [None] * len(known)
+  if heldout_activations is not None:
+    probe_test = stages.run("probe_readout", "pas_probes: the probes on the test items",
+                            pas_fit.item_scores, full_fit, heldout_activations)
+    for s in range(len(known)):
+      probe_predictions[s], probe_notes[s] = probe_readout(
+          probe_known[s], known[s], np.asarray(probe_test[s]))
+
   work = {"content_free_questions": len(readout.CONTENT_FREE_STATEMENTS),
           "subjects_in_batch": len(known), "stage_seconds": dict(stages.seconds),
           "selections": list(selections), "folds": settings.folds if kfold else 0,
           "fold_alphas": [float(a) for a in alphas] if kfold else [],
           "test_items": int(len(heldout))}
+  if settings.alpha_range is not None:
+    work["alpha_range"] = settings.alpha_range
   results = []
+  labels = [float(a) for a in alphas]
   for s, sid in enumerate(subjects.ids):
     results.append(SubjectAlignment(
         subject_id=sid, alphas=alphas, valid=bool(full_fit.valid[s]),
@@ -312,9 +368,29 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
         fold_error={d: [float(v) for v in e[s]] for d, e in fold_error.items()},
         chosen_alpha={sel: {d: float(alphas[i[s]]) for d, i in by.items()}
                       for sel, by in chosen.items()},
-        chosen_decoding={row: picks[s][0] for row, picks in choice.items()},
+        chosen_decoding={row: picks_[s][0] for row, picks_ in choice.items()},
         test_log_probs=test_log_probs[s], test_prior=test_prior[s],
         known_log_probs={float(a): known_log_probs[s, i]
                          for i, a in enumerate(alphas[:known_log_probs.shape[1]])},
-        test_error=test_error[s], work=dict(work, test_alphas=sorted(test_log_probs[s]))))
+        test_error=test_error[s],
+        selection=None if picks[s] is None else picks[s].record(labels),
+        probe_predictions=probe_predictions[s], probe_note=probe_notes[s],
+        generated=generated[s], generated_agreement=agreement[s],
+        work=dict(work, test_alphas=sorted(test_log_probs[s]))))
   return results
+
+
+def probe_readout(known_scores: np.ndarray, known: np.ndarray,
+                  test_scores: np.ndarray) -> tuple[np.ndarray, str | None]:
+  """`pas_probes` answers `int[items]` from probe scores, and a note if it fell back.
+
+  known_scores: `[120]` out-of-fold probe scores of the known items (each from the fold fit
+  that did not see the item's answer); known: `int[120]` the answers; test_scores: `[items]`.
+  The quantile map (`readout.quantile_map`) turns the test scores' ranks among the known ones
+  into the subject's own answer distribution; too few distinct known answers: all 3.
+  """
+  answered = known > 0
+  if not readout.can_match(known):
+    return np.full(len(test_scores), 3, np.int64), ("too few distinct known answers to map "
+                                                    "probe scores: 3 for every item")
+  return readout.quantile_map(known_scores[answered], known[answered], test_scores), None

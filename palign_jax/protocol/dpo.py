@@ -14,13 +14,13 @@ For a batch of subjects, `align_subjects`:
    uses) a row trained on the other folds' pairs, and a final row trained on all of them.
    Snapshots are kept at 0, eval_every, ..., max_steps steps.
 3. chooses the number of steps (and the learning rate, if several are given) on the known
-   items only: each fold row's snapshots score the fold's items (`engine.score` under the
-   default system prompt, with the content-free questions), the error is the mean |answer -
-   actual| over all folds with the same readouts as PAS (`readout.decode`), and the (steps,
-   learning rate, decoding) with the lowest error wins (ties: fewer steps, then the first
-   learning rate, then the first decoding). Step 0 is the base model, so a subject whom DPO
-   does not help on their own known items gets the zero-shot model, as PAS can pick alpha 0.
-   The 180 test items are never seen before this choice is made.
+   items only, by the same rules as PAS's alpha (`selection`): each fold row's snapshots
+   score the fold's items (`engine.score` under the default system prompt, with the
+   content-free questions); the readout is chosen at step 0, then the fewest steps whose
+   out-of-fold benchmark error is within one standard error of the best admissible candidate
+   (letter mass not far below the base model's). Step 0 is the base model, so a subject whom
+   DPO does not help on their own known items gets the zero-shot model, as PAS can pick
+   alpha 0. The 180 test items are never seen before this choice is made.
 4. scores the test items with the final row's snapshot at the chosen steps.
 
 A subject with no usable pairs (every known answer neutral or missing) is not trained; their
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ from palign_jax.dpo import lora
 from palign_jax.dpo import train as dpo_train
 from palign_jax.errors import UserInputError
 from palign_jax.protocol import alignment
+from palign_jax.protocol import selection as selection_lib
 
 REJECTED_RULES = ("far_end", "all_others")
 _LOG = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class DpoSettings:
   folds: int
   decodings: tuple[str, ...]
   choice: str  # "kfold" or one decoding (as `alignment.AlignSettings.choice`)
+  selection: selection_lib.SelectionSettings
 
   @classmethod
   def from_config(cls, config) -> DpoSettings:
@@ -103,7 +105,8 @@ class DpoSettings:
                targets=targets, learning_rates=rates, max_steps=int(d.max_steps),
                eval_every=int(d.eval_every), pairs_per_step=int(d.pairs_per_step),
                rejected=str(d.rejected), seed=int(seed), folds=int(config.pas.folds),
-               decodings=decodings, choice=choice)
+               decodings=decodings, choice=choice,
+               selection=selection_lib.SelectionSettings.from_config(config))
 
   @property
   def train_settings(self) -> dpo_train.TrainSettings:
@@ -143,6 +146,7 @@ class SubjectDpo:
   chosen_steps: int  # the number of steps chosen on the known items (0: the base model)
   chosen_learning_rate: float  # with the steps (moot at 0 steps); NaN when not trained
   chosen_decoding: str  # the readout chosen with the steps: the headline row
+  selection: dict  # how steps, rate and readout were chosen (`selection.Selection.record`)
   adapters: dict | None  # forward-form LoRA factors `{target: {"a": f32[layers, in, rank],
   #   "b": f32[layers, rank, out]}}` (scale folded into b), trained on all known pairs for
   #   `chosen_steps` steps (b = 0 when 0); None when not trained
@@ -253,37 +257,33 @@ def _row_seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) & 0x7FFFFFFF for p in parts]).generate_state(1)[0])
 
 
-def _fold_errors(known_log_probs, fold_prior, known, fold, decodings) -> dict[str, np.ndarray]:
-  """decoding -> `[L, C]` mean |answer - actual| over every fold's answered items.
+def _candidates(num_rates: int, num_steps: int) -> list[tuple[int, int]]:
+  """`(learning-rate index, step index)` in selection order: step 0 (the base model, the same
+  for every rate) first, then fewer steps before more, the earlier rate first."""
+  return [(0, 0)] + [(lr, c) for c in range(1, num_steps) for lr in range(num_rates)]
+
+
+def _select(known_log_probs, fold_prior, known, fold, settings: DpoSettings, usable,
+            learning_rates, steps) -> tuple[selection_lib.Selection, dict[str, np.ndarray],
+                                            list[tuple[int, int]], list]:
+  """One subject's choice of (steps, rate, readout) by `selection` on the known items.
 
   known_log_probs `[L, C, 120, 5]` (out of fold), fold_prior `[folds, L, C, 5]`, known
-  `int[120]`. `matched` maps each fold with a quantile map fitted on the other folds' items,
-  as PAS's selection does."""
-  L, C = known_log_probs.shape[:2]
-  totals = {d: np.zeros((L, C)) for d in decodings}
-  for f in range(fold_prior.shape[0]):
-    in_fold = fold == f
-    actual = known[in_fold]
-    for lr in range(L):
-      for c in range(C):
-        for d in decodings:
-          predicted, _ = readout.decode(
-              known_log_probs[lr, c, in_fold], d, prior=fold_prior[f, lr, c],
-              match=(known_log_probs[lr, c, ~in_fold], known[~in_fold]))
-          totals[d][lr, c] += np.abs(predicted - actual)[actual > 0].sum()
-  count = max(int((known > 0).sum()), 1)
-  return {d: t / count for d, t in totals.items()}
-
-
-def _choose(fold_error: dict[str, np.ndarray], decodings: Sequence[str], choice: str
-            ) -> tuple[str, int, int]:
-  """`(decoding, learning-rate index, step index)` with the lowest error; ties go to fewer
-  steps, then the earlier learning rate, then the earlier decoding. NaN is never chosen."""
-  pool = list(decodings) if choice == "kfold" else [choice]
-  stacked = np.stack([np.swapaxes(fold_error[d], 0, 1) for d in pool])  # [D, C, L]
-  flat = int(np.nanargmin(stacked.reshape(-1)))
-  d, c, lr = np.unravel_index(flat, stacked.shape)
-  return pool[d], int(lr), int(c)
+  `int[120]`, usable `bool[C]`. Returns the selection, the errors as `[L, C]` per decoding,
+  the candidates and their labels."""
+  candidates = _candidates(*known_log_probs.shape[:2])
+  rows, cols = np.array(candidates).T
+  pick, _ = selection_lib.select(
+      known_log_probs[rows, cols], fold_prior[:, rows, cols], known, fold, settings.decodings,
+      settings.choice, settings.selection, usable=usable[cols])
+  grid = {}
+  for d, e in pick.errors.items():
+    grid[d] = np.full(known_log_probs.shape[:2], np.nan)
+    grid[d][rows, cols] = e
+    grid[d][:, 0] = e[0]
+  labels = [int(steps[c]) if len(learning_rates) == 1
+            else f"{int(steps[c])} steps at lr {learning_rates[lr]:g}" for lr, c in candidates]
+  return pick, grid, candidates, labels
 
 
 def align_subjects(engine, subjects: data.Subjects, settings: DpoSettings, *,
@@ -376,24 +376,26 @@ def align_subjects(engine, subjects: data.Subjects, settings: DpoSettings, *,
 
   # The choice, on the known items only. Step counts a subject could not use are NaN: every
   # step after 0 for a subject not trained, and those from a stop on for a stopped one.
-  fold_error, choices = [], []
+  fold_error, choices, selections = [], [], []
   for s in range(n):
-    errors = _fold_errors(known_log_probs[s], fold_prior[s], known[s], fold, settings.decodings)
-    unusable = steps > 0 if s not in trained else np.zeros(C, bool)
+    usable = steps == 0 if s not in trained else np.ones(C, bool)
     own = [r for r in range(len(rows)) if rows[r][0] == s and result.stopped_at[r] >= 0]
     if own:
       t = int(min(result.stopped_at[r] for r in own))
-      unusable = (steps >= t) & (steps > 0)
+      usable = (steps < t) | (steps == 0)
       failed = [names[r] for r in own if not result.stopped_by_group[r]]
       notes[s].append(f"training stopped at step {t + 1} of {settings.max_steps}: the DPO loss "
                       f"or update of {', '.join(failed)} was not finite; every row of this "
                       f"subject stopped there and step counts >= {t} (other than 0, the base "
                       "model) were not candidates; the other subjects went on")
       _LOG.warning("DPO: subject %s: %s", subjects.ids[s], notes[s][-1])
-    for e in errors.values():
-      e[:, unusable] = np.nan
+    pick, errors, candidates, labels = _select(
+        known_log_probs[s], fold_prior[s], known[s], fold, settings, usable,
+        settings.learning_rates, steps)
     fold_error.append(errors)
-    choices.append(_choose(errors, settings.decodings, settings.choice))
+    lr, c = candidates[pick.index]
+    choices.append((pick.decoding, lr, c))
+    selections.append(pick.record(labels))
 
   # The test items, with the final rows' snapshots at the chosen steps (0: the base model).
   scored = [s for s in trained if choices[s][2] > 0]
@@ -434,7 +436,8 @@ def align_subjects(engine, subjects: data.Subjects, settings: DpoSettings, *,
         decodings=settings.decodings, fold_error=fold_error[s], chosen_steps=int(steps[c]),
         chosen_learning_rate=(float(settings.learning_rates[lr]) if s in trained
                               else float("nan")),
-        chosen_decoding=decoding, adapters=adapters, heldout=heldout, known_answers=known[s],
+        chosen_decoding=decoding, selection=selections[s], adapters=adapters, heldout=heldout,
+        known_answers=known[s],
         test_log_probs=test_log_probs[s], test_prior=test_prior[s],
         known_log_probs=known_log_probs[s, lr, c], loss=loss, work=work))
   return out

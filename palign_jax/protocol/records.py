@@ -25,11 +25,12 @@ from palign_jax.protocol import metric
 from palign_jax.protocol.alignment import SubjectAlignment
 from palign_jax.protocol.dpo import SubjectDpo
 
-SWEEP_METHODS = ("few_shot", "pas", "pas_oracle_test")
+SWEEP_METHODS = ("few_shot", "pas", "pas_oracle_test", "pas_probes")
 SELECTION_OF = {"pas": "kfold_known", "pas_oracle_test": "oracle_test"}
 SELECTION_LABELS = {"kfold_known": "kfold_known (k-fold over the known items; honest)",
                     "oracle_test": "oracle_test (chosen on the TEST items; optimistic)"}
 CHOSEN = "chosen"
+GENERATED = "generated"  # the paper's readout: greedy text, parsed (opt-in)
 
 
 def _float(value: float) -> float | None:
@@ -92,8 +93,9 @@ def _with_chosen(entries: dict, decoding: str) -> dict:
 
 def pas_records(alignment: SubjectAlignment, answers: np.ndarray, methods: Sequence[str],
                 **extra) -> list[dict]:
-  """few_shot / pas / pas_oracle_test records of one subject's alignment (those in `methods`
-  whose selection was run). Each decoding reads the predictions at its own chosen alpha."""
+  """few_shot / pas / pas_oracle_test / pas_probes records of one subject's alignment (those in
+  `methods` that were computed). Each decoding reads the predictions at its own chosen alpha;
+  pas records carry the `selection` that chose it."""
   records = []
   common = {"num_labelled": alignment.num_labelled, "probe_valid": alignment.valid,
             "work": alignment.work, **extra}
@@ -104,8 +106,19 @@ def pas_records(alignment: SubjectAlignment, answers: np.ndarray, methods: Seque
     return decoded_entry(sid, predicted, answers, heldout=heldout,
                          log_probs=alignment.test_log_probs[float(alpha)], note=note)
 
+  def with_generated(entries, row):
+    if row in alignment.generated:
+      agreement = alignment.generated_agreement[row]
+      entries[GENERATED] = decoded_entry(
+          sid, alignment.generated[row], answers, heldout=heldout,
+          note=f"greedy text parsed as the reference does; agrees with the argmax letter on "
+               f"{agreement['agree']} of {agreement['rows']} items, {agreement['unparsable']} "
+               "unparsable (counted)")
+      entries[GENERATED]["agreement_with_argmax"] = agreement
+    return entries
+
   if "few_shot" in methods:
-    entries = {d: entry(0.0, d) for d in alignment.decodings}
+    entries = with_generated({d: entry(0.0, d) for d in alignment.decodings}, "few_shot")
     if "few_shot" in alignment.chosen_decoding:
       entries = _with_chosen(entries, alignment.chosen_decoding["few_shot"])
     records.append({"subject": sid, "method": "few_shot", "decodings": entries, "alpha": 0.0,
@@ -122,11 +135,18 @@ def pas_records(alignment: SubjectAlignment, answers: np.ndarray, methods: Seque
       decoding = alignment.chosen_decoding["pas"]
       entries = _with_chosen(entries, decoding)
       record["alpha"][CHOSEN] = alpha[decoding]
-    record["decodings"] = entries
+    record["decodings"] = with_generated(entries, "pas") if method == "pas" else entries
     if selection == "kfold_known":
       record["fold_error"] = alignment.fold_error
+      record["selection"] = alignment.selection
     record["test_error_by_alpha"] = {d: {str(a): e for a, e in by.items()}
                                      for d, by in alignment.test_error.items()}
+    records.append(record)
+  if "pas_probes" in methods and alignment.probe_predictions is not None:
+    record = decoded_record(sid, "pas_probes", {"-": alignment.probe_predictions}, answers,
+                            heldout=heldout, **common)
+    if alignment.probe_note:
+      record["note"] = alignment.probe_note
     records.append(record)
   return records
 
@@ -156,6 +176,7 @@ def dpo_record(result: SubjectDpo, answers: np.ndarray, **extra) -> dict:
       learning_rates=_floats(result.learning_rates),
       step_selection=SELECTION_LABELS["kfold_known"],
       fold_error={d: _floats(e) for d, e in result.fold_error.items()},
+      selection=result.selection,
       loss=_floats(result.loss), work=result.work)
   if result.note:
     record["note"] = result.note
