@@ -147,8 +147,8 @@ def plot_verdicts(verdicts, path: str | pathlib.Path, title: str = "") -> None:
   ax.set_xlabel("per-subject change in composite error (row - reference); left of 0 = closer "
                 "to the person", fontsize=9)
   n = max((v.n_subjects for v in verdicts), default=0)
-  ax.set_title(title or f"Paired verdicts, {n} subject{'s' * (n != 1)}: dots = subjects, "
-               "black = mean with 95% CI", fontsize=10)
+  ax.set_title(title or f"Paired verdicts, {n} subject{'s' * (n != 1)}: a dot per subject "
+               "(green better, red worse, grey tied), black = mean with 95% CI", fontsize=10)
   fig.subplots_adjust(left=0.3, right=0.8, top=1 - 0.5 / fig.get_figheight(),
                       bottom=0.9 / fig.get_figheight())
   fig.savefig(path)
