@@ -149,7 +149,7 @@ def plot_verdicts(verdicts, path: str | pathlib.Path, title: str = "") -> None:
   n = max((v.n_subjects for v in verdicts), default=0)
   ax.set_title(title or f"Paired verdicts, {n} subject{'s' * (n != 1)}: a dot per subject "
                "(green better, red worse, grey tied), black = mean with 95% CI", fontsize=10)
-  fig.subplots_adjust(left=0.3, right=0.8, top=1 - 0.5 / fig.get_figheight(),
+  fig.subplots_adjust(left=0.34, right=0.8, top=1 - 0.5 / fig.get_figheight(),
                       bottom=0.9 / fig.get_figheight())
   fig.savefig(path)
   plt.close(fig)
