@@ -122,12 +122,12 @@ def run(config, output_dir: str) -> store.ResultStore:
           settings={"pas": config.pas.to_dict(), "probe": config.probe.to_dict(),
                     "seed": int(config.seed)})
       path = profile_lib.save_profile(out / "profiles" / _safe(alignment.subject_id), profile)
-      layers, heads = np.nonzero(alignment.head_mask)
+      layers, heads = np.nonzero(profile.head_mask)
       seconds = sum(alignment.work["stage_seconds"].values()) / len(chunk)
       (record,) = records_lib.pas_records(
           alignment, chunk.answers[s], [method], profile=str(path), decoding=used,
           heads=[[int(a), int(b)] for a, b in zip(layers, heads, strict=True)],
-          sigma=[float(alignment.sigma[a, b]) for a, b in zip(layers, heads, strict=True)],
+          sigma=[float(profile.sigma[a, b]) for a, b in zip(layers, heads, strict=True)],
           has_test_answers=bool(has_test[subjects.ids.index(alignment.subject_id)]),
           seconds_per_subject=seconds)
       results_store.append(record)

@@ -97,18 +97,14 @@ def test_the_clean_pas_path_passes(tiny_engine, subjects):
   leak_guard(pas_outcome, tiny_engine, subjects)
 
 
-def test_guard_catches_alpha_chosen_by_the_test_error(tiny_engine, subjects, monkeypatch):
-  original = alignment.align_subjects
+def test_guard_catches_alpha_chosen_from_test_answers(tiny_engine, subjects, monkeypatch):
+  original = selection_lib.choose_candidate
 
-  def leaky(engine, activations, subjects_, settings, **kwargs):
-    kwargs["selections"] = ("kfold_known", "oracle_test")
-    results = original(engine, activations, subjects_, settings, **kwargs)
-    for r in results:  # the honest choice replaced by the test-set argmin
-      r.chosen_alpha["kfold_known"] = dict(r.chosen_alpha["oracle_test"])
-      del r.chosen_alpha["oracle_test"]
-    return results
+  def leaky(error, standard_error, inadmissible, se_rule):  # the alpha picked by the test set
+    chosen, best, bar = original(error, standard_error, inadmissible, se_rule)
+    return _digest(LEAK["answers"], len(error)), best, bar
 
-  monkeypatch.setattr(alignment, "align_subjects", leaky)
+  monkeypatch.setattr(selection_lib, "choose_candidate", leaky)
   with pytest.raises(LeakDetected):
     leak_guard(pas_outcome, tiny_engine, subjects)
 
@@ -119,8 +115,7 @@ def test_guard_catches_readout_chosen_by_the_test_error(tiny_engine, subjects, m
   def leaky(*args, **kwargs):
     results = original(*args, **kwargs)
     for r in results:
-      alphas = r.chosen_alpha["kfold_known"]
-      r.chosen_decoding["pas"] = min(r.decodings, key=lambda d: r.test_error[d][alphas[d]])
+      r.chosen_decoding["pas"] = min(r.decodings, key=lambda d: r.test_error[d][0.0])
     return results
 
   monkeypatch.setattr(alignment, "align_subjects", leaky)

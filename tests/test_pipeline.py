@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import tiny_run_config
@@ -11,6 +12,7 @@ from conftest import tiny_run_config
 from palign_jax import data, engine, prompts, readout, scoring, store
 from palign_jax.errors import UserInputError
 from palign_jax.evaluation import methods
+from palign_jax.pas import fit as pas_fit
 from palign_jax.protocol import alignment
 
 # A slice of the held-out items keeps the alignment tests fast; the evaluation tests use all.
@@ -120,25 +122,58 @@ def test_oracle_picks_the_lowest_test_error(both):
 
 
 def test_pays_only_for_what_is_asked(tiny_engine, two_subjects, monkeypatch):
-  """The honest path scores alpha 0 and each subject's chosen alphas on the test items, not
-  every alpha; the work record says what was done."""
+  """The honest path scores alpha 0 with the full fit and each subject's chosen alpha with its
+  fold fits on the test items, not every alpha; the work record says what was done."""
   calls = []
   original = tiny_engine.score
   monkeypatch.setattr(tiny_engine, "score", lambda *a, **k: calls.append(
       (len(a[1]), k.get("pairs"))) or original(*a, **k))
   results = align(tiny_engine, two_subjects, **{"pas.alphas": (0.0, 4.0, 16.0)})
-  fold_calls, test_calls = calls[:-1], calls[-1]
+  fold_calls, test_calls = calls[:2], calls[2:]
   assert len(fold_calls) == 2 and all(pairs is None for _, pairs in fold_calls)  # all alphas
-  assert test_calls[0] == len(HELDOUT)
+  full_sweep = test_calls[0]
+  assert full_sweep[0] == len(HELDOUT)
+  steered = [s for s, r in enumerate(results) if r.chosen_alpha["kfold_known"]["argmax"] > 0]
+  crossfit_calls = test_calls[1:]  # every fold fit of each steered subject, in one call
+  assert len(crossfit_calls) == (1 if steered else 0)
+  for n, pairs in crossfit_calls:
+    assert n == len(HELDOUT) and pairs.tolist() == [[s, f] for s in steered for f in (0, 1)]
   for s, result in enumerate(results):
-    wanted = {0.0} | set(result.chosen_alpha["kfold_known"].values())
-    assert set(result.test_log_probs) == wanted
-    scored = {float(result.alphas[a]) for c, a in test_calls[1] if c == s}
-    assert scored == wanted
-    assert result.work["test_alphas"] == sorted(wanted) and result.work["folds"] == 2
-    assert set(result.work["stage_seconds"]) == {"probes", "fold_probes", "fold_sweep",
-                                                 "test_sweep"}
+    chosen = set(result.chosen_alpha["kfold_known"].values())
+    assert set(result.test_log_probs) == {0.0}
+    assert {float(result.alphas[a]) for c, a in full_sweep[1] if c == s} == {0.0}
+    assert set(result.crossfit_log_probs) == chosen
+    assert result.work["test_alphas"] == [0.0] and result.work["folds"] == 2
+    assert {"probes", "fold_probes", "fold_sweep", "test_sweep"} <= set(
+        result.work["stage_seconds"])
     assert "oracle_test" not in result.chosen_alpha and not result.test_error == {}
+
+
+def test_crossfit_row_is_the_fold_fits_average(tiny_engine, two_subjects):
+  """The honest row at a steered alpha is the mean of the fold fits' distributions at that
+  alpha, each scored under the context of all known answers (checked in float64 numpy)."""
+  settings = settings_for(tiny_engine, **{"pas.alphas": (0.0, 16.0)})
+  known = data.known_answers(two_subjects).astype(np.int32)
+  fold = alignment.fold_of_known_items(settings.folds, settings.seed)
+  fits = [pas_fit.fit_pas(tiny_engine.activations(), np.where(fold == f, 0, known),
+                          settings.fit, key=jax.random.PRNGKey(f)) for f in range(2)]
+  alphas = np.array([0.0, 16.0], np.float32)
+  zero_rows = [{0.0: np.zeros((len(HELDOUT), 5), np.float32)} for _ in known]
+  zero_priors = [{0.0: np.zeros(5)} for _ in known]
+  log_probs, priors = alignment._crossfit_rows(
+      tiny_engine, alignment._Stages(lambda _: None), known, HELDOUT, fits,
+      [("argmax", 1), ("argmax", 0)], alphas, 0, zero_rows, zero_priors)
+  assert set(log_probs[1]) == {0.0} and log_probs[1][0.0] is zero_rows[1][0.0]
+  context = tiny_engine.context_tokens(prompts.few_shot_system_prompt(known[0]))
+  each = [tiny_engine.score([context], HELDOUT, content_free=True,
+                            steering=16.0 * pas_fit.steering_for_alpha(f, 1.0)[:1, None])
+          for f in fits]
+  scores = [np.asarray(e[0][0], np.float64) for e in each]
+  assert np.abs(scores[0] - scores[1]).max() > 1e-4  # the fold fits really differ
+  np.testing.assert_allclose(log_probs[0][16.0], np.log((np.exp(scores[0]) + np.exp(scores[1]))
+                                                        / 2), atol=2e-5)
+  prior = [np.exp(np.asarray(e[1][0], np.float64)) for e in each]
+  np.testing.assert_allclose(priors[0][16.0], np.log((prior[0] + prior[1]) / 2), atol=2e-5)
 
 
 def test_honest_path_never_reads_test_answers_end_to_end(tiny_model_dir, tmp_path):
@@ -345,7 +380,8 @@ def test_align_and_chat_cli(tiny_model_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "subject me: alpha=" in proc.stdout
   record = json.loads((out / store.RECORDS_FILE).read_text())
-  assert record["alpha_selection"].startswith("kfold_known") and len(record["heads"]) == 4
+  # The honest profile steers with the mean of the 2 fold fits (4 heads each).
+  assert record["alpha_selection"].startswith("kfold_known") and 4 <= len(record["heads"]) <= 8
   assert record["decodings"]["argmax"]["predictions"] == []  # no held-out answers to predict
   profile = out / "profiles" / "me"
   proc = subprocess.run([sys.executable, "-m", "launch.chat", f"--model={tiny_model_dir}",

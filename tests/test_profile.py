@@ -1,5 +1,7 @@
 """Alignment profiles: orbax round trip and refusal for another model."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -125,3 +127,25 @@ def test_bad_profiles_are_not_saved(tmp_path):
     profile_lib.save_profile(tmp_path / "p", make_dpo_profile(method="ppo"))
   with pytest.raises(UserInputError, match="alpha 0"):
     profile_lib.save_profile(tmp_path / "p", make_dpo_profile(alpha=2.0))
+
+
+def test_honest_profile_steers_with_the_mean_of_the_fold_fits():
+  """A k-fold profile's steering at its alpha is alpha x the mean of the fold fits' alpha-1
+  vectors (the fits the alpha was chosen on), not the full fit's."""
+  rng = np.random.default_rng(1)
+  fold_steering = rng.normal(size=(3, 3, 4, 8)).astype(np.float32)
+  fold_steering[:, 0, 1] = 0.0  # a head no fold kept
+  full = make_profile()
+  alignment = types.SimpleNamespace(
+      subject_id="me", chosen_alpha={"kfold_known": {"argmax": 2.0},
+                                     "oracle_test": {"argmax": 8.0}},
+      head_mask=full.head_mask, directions=full.directions, sigma=full.sigma,
+      fold_steering=fold_steering)
+  common = dict(model_fingerprint="abc123", model_source="tiny.gguf",
+                known_answers=np.full(120, 4), decoding="argmax", settings={})
+  honest = profile_lib.profile_from_alignment(alignment, selection="kfold_known", **common)
+  np.testing.assert_allclose(honest.steering(), 2.0 * fold_steering.astype(np.float64).mean(0),
+                             rtol=1e-5, atol=1e-6)
+  assert not honest.head_mask[0, 1] and honest.settings["steering"] == "mean of the 3 fold fits"
+  oracle = profile_lib.profile_from_alignment(alignment, selection="oracle_test", **common)
+  np.testing.assert_allclose(oracle.steering(), 8.0 / 4.0 * full.steering(), rtol=1e-6)

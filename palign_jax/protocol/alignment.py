@@ -9,8 +9,16 @@ For a batch of subjects, `align_subjects`:
    those out-of-fold scores alone, the readout (at alpha 0) and then the alpha: the benchmark's
    metric, letter-mass admissibility, one standard error toward alpha 0; every readout's row
    then reads the test items at that one alpha;
-3. scores the held-out items only where asked: alpha 0 (the few-shot row) and each subject's
-   chosen alphas, or every alpha when `oracle_test` is requested;
+3. scores the held-out items only where asked: alpha 0 (the few-shot row); for the honest
+   `pas` row, the chosen alpha with the *fold fits* (cross-fitting: the k fits the alpha was
+   validated on, their letter distributions averaged), because a fit on all 120 items steers
+   harder per unit alpha than the fits on k-1 folds (SmolLM2, subject 175839: the full fit
+   turns every answer to 5 at alpha 2, the fold fits at alpha 5), so an alpha validated on the
+   fold fits overshoots on the full fit (averaging the fold fits, rather than letting each
+   answer a share of the test items, steers only where they agree: on SmolLM2's two
+   overshooting subjects one of the three fold fits still turned answers to the far end on the
+   test items while the average did not); every alpha with the full fit when `oracle_test` is
+   requested (the paper's deployment);
 4. `oracle_test` (the reference's protocol, optimistic by construction): per decoding, the
    alpha with the lowest error on the held-out test items themselves;
 5. `pas_probes` (a diagnostic, when the held-out items' head activations are given): the
@@ -121,8 +129,14 @@ class SubjectAlignment:
   fold_error: dict[str, list[float]]  # decoding -> [A] k-fold error on the known items
   chosen_alpha: dict[str, dict[str, float]]  # selection -> decoding -> alpha
   chosen_decoding: dict[str, str]  # "pas" / "few_shot" -> the decoding of their headline row
-  test_log_probs: dict[float, np.ndarray]  # alpha -> f32[items, 5], only the alphas scored
+  test_log_probs: dict[float, np.ndarray]  # alpha -> f32[items, 5] with the full fit, only the
+  #   alphas scored (alpha 0 always; every alpha for the oracle)
   test_prior: dict[float, np.ndarray]  # alpha -> f32[5] content-free prior of that context
+  # The honest `pas` row (cross-fitted): alpha -> f32[items, 5], the fold fits' letter
+  # distributions at the chosen alpha averaged (alpha 0: the unsteered row), and the prior
+  crossfit_log_probs: dict[float, np.ndarray]
+  crossfit_prior: dict[float, np.ndarray]
+  fold_steering: np.ndarray | None  # f32[folds, layers, heads, head_dim] at alpha 1 (k-fold)
   known_log_probs: dict[float, np.ndarray]  # alpha -> f32[120, 5] known items, out of fold
   test_error: dict[str, dict[float, float]]  # decoding -> alpha -> error sum (if answers known)
   selection: dict | None  # how alpha and readout were chosen (`selection.Selection.record`)
@@ -134,29 +148,39 @@ class SubjectAlignment:
   generated_agreement: dict[str, dict]
   work: dict  # what was computed (alphas, items, contexts) and seconds per stage (batch totals)
 
-  def decoded(self, alpha: float, decoding: str) -> tuple[np.ndarray, str | None]:
+  def test_rows(self, fits: str = "full") -> tuple[dict, dict]:
+    """`(alpha -> log-probabilities, alpha -> prior)` on the test items: "full" (the fit on all
+    known items) or "folds" (the cross-fitted fold fits of the honest row)."""
+    if fits == "folds":
+      return self.crossfit_log_probs, self.crossfit_prior
+    return self.test_log_probs, self.test_prior
+
+  def decoded(self, alpha: float, decoding: str, fits: str = "full"
+              ) -> tuple[np.ndarray, str | None]:
     """`(int[items] answers 1..5 on the test items at a scored alpha, fallback note)`."""
     alpha = float(alpha)
+    log_probs, prior = self.test_rows(fits)
     match = None
     if alpha in self.known_log_probs:
       match = (self.known_log_probs[alpha], self.known_answers)
-    return readout.decode(self.test_log_probs[alpha], decoding,
-                          prior=self.test_prior.get(alpha), match=match)
+    return readout.decode(log_probs[alpha], decoding, prior=prior.get(alpha), match=match)
 
-  def predictions(self, alpha: float, decoding: str) -> np.ndarray:
+  def predictions(self, alpha: float, decoding: str, fits: str = "full") -> np.ndarray:
     """`int[items]` answers 1..5 on the test items at a scored alpha."""
-    return self.decoded(alpha, decoding)[0]
+    return self.decoded(alpha, decoding, fits)[0]
 
   def steering(self, alpha: float) -> np.ndarray:
-    """`f32[layers, heads, head_dim]`: alpha * sigma * direction on the kept heads."""
+    """`f32[layers, heads, head_dim]`: alpha * sigma * direction on the kept heads (full fit)."""
     return (alpha * self.sigma * self.head_mask)[..., None] * self.directions
 
 
 def fold_of_known_items(folds: int, seed: int) -> np.ndarray:
   """`int[120]`: the fold of each known item, stratified by trait, the same for all subjects."""
-  split, items = data.load_split(), data.load_items()
-  traits = items.trait[split.known]
-  rng = np.random.default_rng(seed)
+  return _deal_folds(data.load_split().known, folds, np.random.default_rng(seed))
+
+
+def _deal_folds(items: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+  traits = data.load_items().trait[items]
   fold = np.empty(len(traits), np.int64)
   for t in range(len(data.TRAITS)):
     members = rng.permutation(np.flatnonzero(traits == t))
@@ -244,6 +268,7 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
   choice: dict[str, list[tuple[str, int]]] = {}  # row -> per subject (decoding, alpha index)
   picks: list[selection_lib.Selection | None] = [None] * len(known)
   known_log_probs = np.zeros((len(known), 0, len(split.known), 5), np.float32)
+  fold_fits: list[pas_fit.PasFit] = []
   probe_known = np.zeros((len(known), len(split.known)))  # out-of-fold probe scores
   if kfold or heldout_activations is not None:
     fold = fold_of_known_items(settings.folds, settings.seed)
@@ -255,6 +280,7 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
       visible = np.where(in_fold[None, :], 0, known)
       fold_fit = stages.run("fold_probes", f"fold {f + 1}/{settings.folds}: PAS fit", fit,
                             visible, f + 1)
+      fold_fits.append(fold_fit)
       probe_known[:, in_fold] = np.asarray(pas_fit.item_scores(fold_fit, activations[in_fold]))
       if not kfold:
         continue
@@ -280,13 +306,13 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
     fixed = settings.choice if settings.choice != "kfold" else decodings[0]
     choice["few_shot"] = [(fixed, zero)] * len(known)
 
-  # The test sweep pays only for what is asked: alpha 0 (few-shot) and the chosen alphas, or
-  # every alpha for the oracle.
+  # The full fit's test sweep pays only for what is asked: alpha 0 (few-shot), every alpha for
+  # the oracle, and the chosen alpha for the opt-in generated readout (the paper's single
+  # steering vector); the honest row's chosen alpha is read with the fold fits below.
   wanted = [{zero} for _ in range(len(known))]
-  for by_decoding in chosen.values():
-    for index in by_decoding.values():
-      for s in range(len(known)):
-        wanted[s].add(int(index[s]))
+  if settings.generated and "pas" in choice:
+    for s, (_, index) in enumerate(choice["pas"]):
+      wanted[s].add(int(index))
   if "oracle_test" in selections:
     wanted = [set(range(len(alphas))) for _ in range(len(known))]
   pairs = np.array([(s, a) for s in range(len(known)) for a in sorted(wanted[s])], np.int64)
@@ -303,6 +329,12 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
     for (s, a), log_probs, prior in zip(pairs, scored, priors, strict=True):
       test_log_probs[s][float(alphas[a])] = log_probs
       test_prior[s][float(alphas[a])] = prior
+  crossfit_log_probs, crossfit_prior = _crossfit_rows(
+      engine, stages, known, heldout, fold_fits, choice.get("pas"), alphas, zero,
+      test_log_probs, test_prior) if kfold and score_test else (
+          [{} for _ in known], [{} for _ in known])
+  fold_steering = (np.stack([np.asarray(pas_fit.steering_for_alpha(f, 1.0)) for f in fold_fits],
+                            axis=1) if kfold else None)
 
   def matched_on(s, alpha_value):
     index = int(np.flatnonzero(alphas == alpha_value)[0])
@@ -340,6 +372,8 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
                                    ("pas", rows.answers[len(known) + s], float(alpha_of[s]))):
         generated[s][row] = answers_
         agreement[s][row] = generated_lib.agreement(answers_, test_log_probs[s][alpha])
+        if row == "pas":
+          agreement[s][row]["steering"] = "the full fit (the paper's single vector)"
   probe_predictions: list = [None] * len(known)
   probe_notes: list = [None] * len(known)
   if heldout_activations is not None:
@@ -370,6 +404,8 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
                       for sel, by in chosen.items()},
         chosen_decoding={row: picks_[s][0] for row, picks_ in choice.items()},
         test_log_probs=test_log_probs[s], test_prior=test_prior[s],
+        crossfit_log_probs=crossfit_log_probs[s], crossfit_prior=crossfit_prior[s],
+        fold_steering=None if fold_steering is None else fold_steering[s],
         known_log_probs={float(a): known_log_probs[s, i]
                          for i, a in enumerate(alphas[:known_log_probs.shape[1]])},
         test_error=test_error[s],
@@ -378,6 +414,49 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
         generated=generated[s], generated_agreement=agreement[s],
         work=dict(work, test_alphas=sorted(test_log_probs[s]))))
   return results
+
+
+def _crossfit_rows(engine, stages: _Stages, known: np.ndarray, heldout: np.ndarray,
+                   fold_fits: Sequence[pas_fit.PasFit], picks: Sequence[tuple[str, int]],
+                   alphas: np.ndarray, zero: int, test_log_probs: list[dict],
+                   test_prior: list[dict]) -> tuple[list[dict], list[dict]]:
+  """The honest row's test scores: per subject `{chosen alpha: f32[items, 5]}` and its prior.
+
+  A subject whose choice is alpha 0 reads the unsteered row. The others are scored once per
+  fold fit at their chosen alpha, under the context of all their known answers, and the k
+  distributions are averaged (the log of the mean probability over the full vocabulary, so the
+  letter mass stays comparable; the content-free priors likewise).
+  """
+  log_probs = [{} for _ in known]
+  priors = [{} for _ in known]
+  for s, (_, index) in enumerate(picks):
+    if index == zero:
+      log_probs[s][0.0], priors[s][0.0] = test_log_probs[s][0.0], test_prior[s][0.0]
+  steered = [s for s, (_, index) in enumerate(picks) if index != zero]
+  if not steered:
+    return log_probs, priors
+  alpha_of = alphas[[index for _, index in picks]]
+  if not len(heldout):  # a user's own answers: nothing to score
+    for s in steered:
+      log_probs[s][float(alpha_of[s])] = test_log_probs[s][0.0]
+      priors[s][float(alpha_of[s])] = test_prior[s][0.0]
+    return log_probs, priors
+  steering = jax.numpy.stack([pas_fit.steering_for_alpha(f, alpha_of) for f in fold_fits],
+                             axis=1)  # [S, folds, L, H, D]
+  folds = len(fold_fits)
+  pairs = np.array([(s, f) for s in steered for f in range(folds)], np.int64)
+  scored, prior = stages.run(
+      "crossfit_test", f"test items: {len(steered)} subjects x {folds} fold fits at the chosen "
+      f"alpha x {len(heldout)} items", engine.score, _contexts(engine, known), heldout,
+      steering=steering, pairs=pairs, content_free=True)
+  scored = np.asarray(scored, np.float64).reshape(len(steered), folds, len(heldout), -1)
+  prior = np.asarray(prior, np.float64).reshape(len(steered), folds, -1)
+  for j, s in enumerate(steered):
+    alpha = float(alpha_of[s])
+    log_probs[s][alpha] = (np.logaddexp.reduce(scored[j], axis=0) - np.log(folds)).astype(
+        np.float32)
+    priors[s][alpha] = np.logaddexp.reduce(prior[j], axis=0) - np.log(folds)
+  return log_probs, priors
 
 
 def probe_readout(known_scores: np.ndarray, known: np.ndarray,

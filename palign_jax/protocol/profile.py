@@ -64,15 +64,36 @@ def profile_from_alignment(alignment, *, model_fingerprint: str, model_source: s
                            known_answers: np.ndarray, selection: str, decoding: str,
                            settings: dict) -> AlignmentProfile:
   """The profile of one `SubjectAlignment`, steering at the alpha `selection` chose for
-  `decoding` (the context is the subject's few-shot prompt from all known answers)."""
+  `decoding` (the context is the subject's few-shot prompt from all known answers).
+
+  The honest alpha was validated on the fold fits, and the fit on all known items steers
+  harder per unit alpha, so a `kfold_known` profile steers with the mean of the fold fits'
+  vectors (`steering_vectors`); an `oracle_test` profile with the full fit, as the paper.
+  """
+  head_mask, directions, sigma = alignment.head_mask, alignment.directions, alignment.sigma
+  steering_source = "full fit"
+  if selection == "kfold_known" and alignment.fold_steering is not None:
+    head_mask, directions, sigma = steering_fields(alignment.fold_steering.mean(0))
+    steering_source = f"mean of the {len(alignment.fold_steering)} fold fits"
   return AlignmentProfile(
       subject_id=alignment.subject_id, model_fingerprint=model_fingerprint,
       model_source=model_source, prompt_version=prompts.PROMPT_VERSION,
       system_prompt=prompts.few_shot_system_prompt(known_answers),
       alpha=alignment.chosen_alpha[selection][decoding], alpha_selection=selection,
-      known_answers=np.asarray(known_answers), head_mask=alignment.head_mask,
-      directions=alignment.directions, sigma=alignment.sigma,
-      settings=dict(settings, decoding=decoding))
+      known_answers=np.asarray(known_answers), head_mask=head_mask,
+      directions=directions, sigma=sigma,
+      settings=dict(settings, decoding=decoding, steering=steering_source))
+
+
+def steering_fields(unit: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`(head_mask, directions, sigma)` whose alpha-1 steering is `unit` `[layers, heads, dim]`:
+  sigma the per-head norm, directions the unit vectors, heads with no steering left out."""
+  unit = np.asarray(unit, np.float32)
+  sigma = np.linalg.norm(unit, axis=-1)
+  head_mask = sigma > 0
+  directions = np.where(head_mask[..., None], unit / np.where(head_mask, sigma, 1.0)[..., None],
+                        0.0).astype(np.float32)
+  return head_mask, directions, sigma.astype(np.float32)
 
 
 def profile_from_dpo(result, *, model_fingerprint: str, model_source: str,

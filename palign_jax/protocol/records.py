@@ -29,6 +29,10 @@ SWEEP_METHODS = ("few_shot", "pas", "pas_oracle_test", "pas_probes")
 SELECTION_OF = {"pas": "kfold_known", "pas_oracle_test": "oracle_test"}
 SELECTION_LABELS = {"kfold_known": "kfold_known (k-fold over the known items; honest)",
                     "oracle_test": "oracle_test (chosen on the TEST items; optimistic)"}
+STEERING_LABELS = {
+    "folds": "cross-fitted: the k fold fits the alpha was chosen on, their letter "
+             "distributions averaged",
+    "full": "the fit on all known items (the paper's deployment)"}
 CHOSEN = "chosen"
 GENERATED = "generated"  # the paper's readout: greedy text, parsed (opt-in)
 
@@ -101,10 +105,10 @@ def pas_records(alignment: SubjectAlignment, answers: np.ndarray, methods: Seque
             "work": alignment.work, **extra}
   sid, heldout = alignment.subject_id, alignment.heldout
 
-  def entry(alpha, decoding):
-    predicted, note = alignment.decoded(alpha, decoding)
+  def entry(alpha, decoding, fits="full"):
+    predicted, note = alignment.decoded(alpha, decoding, fits)
     return decoded_entry(sid, predicted, answers, heldout=heldout,
-                         log_probs=alignment.test_log_probs[float(alpha)], note=note)
+                         log_probs=alignment.test_rows(fits)[0][float(alpha)], note=note)
 
   def with_generated(entries, row):
     if row in alignment.generated:
@@ -128,9 +132,12 @@ def pas_records(alignment: SubjectAlignment, answers: np.ndarray, methods: Seque
     if method not in methods or selection not in alignment.chosen_alpha:
       continue
     alpha = alignment.chosen_alpha[selection]
-    entries = {d: entry(a, d) for d, a in alpha.items()}
+    # The honest row is steered by the fold fits its alpha was validated on (cross-fitting).
+    fits = "folds" if selection == "kfold_known" else "full"
+    entries = {d: entry(a, d, fits) for d, a in alpha.items()}
     record = {"subject": sid, "method": method, "alpha": dict(alpha),
-              "alpha_selection": SELECTION_LABELS[selection], **common}
+              "alpha_selection": SELECTION_LABELS[selection], **common,
+              "steering": STEERING_LABELS[fits]}
     if method == "pas" and "pas" in alignment.chosen_decoding:
       decoding = alignment.chosen_decoding["pas"]
       entries = _with_chosen(entries, decoding)
