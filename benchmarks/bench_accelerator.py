@@ -3,8 +3,9 @@
 Made for one short run on a GPU or TPU with no network (no checkpoint to download): the
 parameters are drawn at random in bfloat16 straight onto the device mesh
 (`parallel.param_shardings`, the same placement `launch.evaluate` loads a real model into), the
-prompts are tokenised with the embedded SmolLM2 tokenizer (its ids are valid Llama-3 ids;
-real Llama-3 prompts are ~10% shorter), and the pipeline is the project's own:
+prompts are tokenised with the shipped SmolLM2 tokenizer
+(`palign_jax/models/shipped_tokenizer.py`; its ids are valid Llama-3 ids; real Llama-3 prompts
+are ~10% shorter), and the pipeline is the project's own:
 
 1. the shared activations (240 forwards over the 120 known items);
 2. the probe fit, kept heads, directions and sigma for every subject at once;
@@ -31,7 +32,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -40,16 +40,11 @@ import common  # noqa: E402  (same directory)
 from configs import default as default_config  # noqa: E402
 from palign_jax import data, parallel, planner  # noqa: E402
 from palign_jax import engine as engine_lib  # noqa: E402
-from palign_jax.models import gguf as gguf_lib  # noqa: E402
 from palign_jax.models import loading  # noqa: E402
 from palign_jax.models.config import ModelConfig  # noqa: E402
-from palign_jax.models.llama import Llama  # noqa: E402
-from palign_jax.models.tokenizer import tokenizer_from_gguf  # noqa: E402
 from palign_jax.protocol import alignment  # noqa: E402
 
-PRESETS = dict(planner.PRESETS, tiny=ModelConfig(
-    vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-    num_kv_heads=2, head_dim=16, tie_word_embeddings=True))
+PRESETS = common.PRESETS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,36 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def device_peak(args) -> tuple[str, float]:
   """(device kind, peak FLOP/s per device)."""
-  kind = jax.devices()[0].device_kind
-  if args.peak_tflops:
-    return kind, args.peak_tflops * 1e12
-  for name, (tflops, _, _) in planner.DEVICES.items():
-    if name.lower() in kind.lower():
-      return kind, tflops * 1e12
-  return kind, planner.matmul_peak()
+  return common.device_peak(args.peak_tflops)
 
 
 def random_model(config: ModelConfig, dtype: str, mesh) -> loading.LoadedModel:
-  """Random parameters (scaled like an initialised model) drawn on the mesh, leaf by leaf."""
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  shapes = jax.eval_shape(lambda: Llama(config, jnp.dtype(dtype)).init(
-      jax.random.PRNGKey(0), tokens, jnp.broadcast_to(jnp.arange(4), (1, 4)))["params"])
-  shardings = parallel.param_shardings(shapes, mesh)
-  leaves, treedef = jax.tree.flatten(shapes)
-  out = []
-  for i, (leaf, sharding) in enumerate(zip(leaves, jax.tree.leaves(shardings), strict=True)):
-    draw = jax.jit(lambda key, shape=leaf.shape, dt=leaf.dtype: (
-        0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dt),
-        out_shardings=sharding)
-    out.append(draw(jax.random.PRNGKey(i)))
-  params = jax.tree.unflatten(treedef, out)
-  # Norm scales at one, so activations keep a sensible size through the layers.
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.ones_like(x) if path[-1].key == "scale" else x, params)
-  tokenizer = tokenizer_from_gguf(gguf_lib.default_gguf_path())
-  return loading.LoadedModel(config=config, params=params, tokenizer=tokenizer,
-                             fingerprint=f"random-{config.num_layers}x{config.hidden_size}",
-                             source="random weights")
+  """Random parameters (scaled like an initialised model) drawn on the mesh, leaf by leaf, and
+  the shipped SmolLM2 tokenizer (`common.random_model`)."""
+  return common.random_model(config, dtype, mesh)
 
 
 def main(argv=None) -> dict:

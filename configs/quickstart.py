@@ -1,8 +1,9 @@
 """The README's main command: every method on one PAPI subject, sized for a 2-core CPU.
 
 Same methods and prompts as configs/default.py; one subject, a three-value alpha grid
-(measured on two reference subjects' known items) and two folds, so that it finishes in minutes on a laptop-class CPU. Use configs/default.py
-(or --subjects and --config.pas.alphas) for real evaluations.
+(measured on two reference subjects' known items) and two folds, so that it finishes in
+minutes on a laptop-class CPU. Use configs/default.py (or --subjects and --config.pas.alphas)
+for real evaluations.
 """
 
 from configs import default
