@@ -59,7 +59,8 @@ def main() -> None:
   rows = [("full fit (all 120 items)", full)] + [
       (f"fold fit {f + 1}", fit) for f, fit in enumerate(folds)]
   steering = jax.numpy.stack([pas_fit.steering_for_alpha(f, args.alpha)[0] for _, f in rows])
-  scored = np.asarray(engine.score(context, heldout, steering=steering[None]), np.float64)[0]
+  scored = np.asarray(engine.score(context, heldout, steering=steering[None]), np.float64)
+  scored = scored.reshape(len(rows), len(heldout), -1)  # [fits, items, 5]
   unsteered = np.asarray(engine.score(context, heldout), np.float64)[0]
   average = np.logaddexp.reduce(scored[1:], axis=0) - np.log(len(folds))
   full_vector = np.asarray(steering[0]).ravel()
