@@ -12,13 +12,10 @@ For a batch of subjects, `align_subjects`:
 3. scores the held-out items only where asked: alpha 0 (the few-shot row); for the honest
    `pas` row, the chosen alpha with the *fold fits* (cross-fitting: the k fits the alpha was
    validated on, their letter distributions averaged), because a fit on all 120 items steers
-   harder per unit alpha than the fits on k-1 folds (SmolLM2, subject 175839: the full fit
-   turns every answer to 5 at alpha 2, the fold fits at alpha 5), so an alpha validated on the
-   fold fits overshoots on the full fit (averaging the fold fits, rather than letting each
-   answer a share of the test items, steers only where they agree: on SmolLM2's two
-   overshooting subjects one of the three fold fits still turned answers to the far end on the
-   test items while the average did not); every alpha with the full fit when `oracle_test` is
-   requested (the paper's deployment);
+   harder per unit alpha than the fits on k-1 folds, so an alpha validated on the fold fits
+   overshoots on the full fit (README, "How alpha is chosen", step 5); averaging, rather than
+   letting each fold fit answer a share of the items, steers only where the fits agree; every
+   alpha with the full fit when `oracle_test` is requested (the paper's deployment);
 4. `oracle_test` (the reference's protocol, optimistic by construction): per decoding, the
    alpha with the lowest error on the held-out test items themselves;
 5. `pas_probes` (a diagnostic, when the held-out items' head activations are given): the
@@ -176,11 +173,9 @@ class SubjectAlignment:
 
 def fold_of_known_items(folds: int, seed: int) -> np.ndarray:
   """`int[120]`: the fold of each known item, stratified by trait, the same for all subjects."""
-  return _deal_folds(data.load_split().known, folds, np.random.default_rng(seed))
-
-
-def _deal_folds(items: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
-  traits = data.load_items().trait[items]
+  split, items = data.load_split(), data.load_items()
+  traits = items.trait[split.known]
+  rng = np.random.default_rng(seed)
   fold = np.empty(len(traits), np.int64)
   for t in range(len(data.TRAITS)):
     members = rng.permutation(np.flatnonzero(traits == t))

@@ -68,7 +68,7 @@ def profile_from_alignment(alignment, *, model_fingerprint: str, model_source: s
 
   The honest alpha was validated on the fold fits, and the fit on all known items steers
   harder per unit alpha, so a `kfold_known` profile steers with the mean of the fold fits'
-  vectors (`steering_vectors`); an `oracle_test` profile with the full fit, as the paper.
+  vectors (`steering_fields`); an `oracle_test` profile with the full fit, as the paper.
   """
   head_mask, directions, sigma = alignment.head_mask, alignment.directions, alignment.sigma
   steering_source = "full fit"
