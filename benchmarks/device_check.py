@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,12 +160,13 @@ def import_project() -> argparse.Namespace:
   from configs import default as default_config
   from palign_jax import data, parallel, planner, prompts, scoring
   from palign_jax import engine as engine_lib
-  from palign_jax.models import shipped_tokenizer
+  from palign_jax.models import llama, shipped_tokenizer
   from palign_jax.protocol import alignment
   return argparse.Namespace(
       jax=jax, jnp=jnp, np=np, common=common, default_config=default_config, data=data,
       parallel=parallel, planner=planner, prompts=prompts, scoring=scoring,
-      engine_lib=engine_lib, shipped_tokenizer=shipped_tokenizer, alignment=alignment)
+      engine_lib=engine_lib, shipped_tokenizer=shipped_tokenizer, alignment=alignment,
+      llama=llama)
 
 
 def render_smoke(m, tokenizer=None) -> list[int]:
@@ -327,9 +329,15 @@ def correctness_check(m, preset: str, items: int = 10, seed: int = 0) -> list[di
   else:
     with jax.default_matmul_precision("highest"):
       f32 = _letter_log_probs(m, params, config, contexts, questions, option_ids, steering)
-  measured = {"float32": f32,
-              "bfloat16": _letter_log_probs(m, bf16, config, contexts, questions, option_ids,
-                                            steering)}
+  # bfloat16 on a GPU runs cuDNN's flash attention ("auto"); a refusal falls back to the
+  # einsums with a warning, which the record keeps.
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    half = _letter_log_probs(m, bf16, config, contexts, questions, option_ids, steering)
+  measured = {"float32": f32, "bfloat16": half}
+  attention = {dtype: m.llama.attention_implementation(config, getattr(jnp, dtype))
+               for dtype in measured}
+  fallbacks = sorted({str(w.message) for w in caught if "attention" in str(w.message)})
   checks = []
   for dtype, got in measured.items():
     ref = references[dtype]
@@ -337,6 +345,8 @@ def correctness_check(m, preset: str, items: int = 10, seed: int = 0) -> list[di
     finite = bool(np.isfinite(got).all() and np.isfinite(ref).all())
     checks.append({
         "preset": preset, "dtype": dtype, "shape": list(got.shape),
+        "attention": attention[dtype],
+        "attention_fallback": fallbacks if dtype == "bfloat16" else [],
         "device": str(jax.devices()[0]), "reference": "cpu float32, same weights",
         "max_abs_diff": diff, "tolerance": TOLERANCES[dtype],
         "ok": finite and diff <= TOLERANCES[dtype],

@@ -15,6 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = "default"  # the embedded SmolLM2-135M-Instruct GGUF; or a .gguf / HF folder
   config.dtype = "float32"  # parameter dtype: float32 or bfloat16
+  # The attention kernel: "auto" (cuDNN flash attention on a GPU in bfloat16/float16, einsums
+  # elsewhere), "einsum", "xla" (jax.nn.dot_product_attention's XLA path) or "cudnn".
+  config.attention = "auto"
   config.subjects = "0:8"  # 'all', ids, 0-based ranges, or an answers file (CSV/JSON)
   config.methods = ",".join(methods.LLM_METHODS + ("constant_3", "item_mean_loso", "ridge_cv"))
   config.seed = 0  # probe splits, head tie-breaking, folds, bootstrap

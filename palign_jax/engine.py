@@ -12,6 +12,7 @@ fingerprint and prompt version; `generate` answers open-ended prompts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -67,13 +68,17 @@ class Engine:
 
   @classmethod
   def from_config(cls, config) -> Engine:
-    """The engine a run config asks for (`model`, `dtype`, `scoring.*`, `mesh.*`): the params
-    are loaded straight into their shardings on the mesh (on one device, trivially)."""
+    """The engine a run config asks for (`model`, `dtype`, `attention`, `scoring.*`, `mesh.*`):
+    the params are loaded straight into their shardings on the mesh (on one device, trivially).
+    """
     mesh = parallel.mesh_from_config(config)
     fsdp = bool(config.mesh.fsdp)
     model = loading.load_model(
         config.model, dtype=config.dtype,
         shardings=lambda shapes: parallel.param_shardings(shapes, mesh, fsdp))
+    attention = str(config.get("attention", "auto"))
+    model = dataclasses.replace(model, config=dataclasses.replace(
+        model.config, attention=attention).validate("--config.attention"))
     return cls(model, question_batch=int(config.scoring.question_batch),
                prefix_batch=int(config.scoring.prefix_batch), mesh=mesh)
 

@@ -5,9 +5,11 @@ The mesh has two axes, built from `config.mesh` (`data` x `model` = the process'
 
 * `data`: independent work is split over it: the (subject, alpha) contexts of a scoring batch
   and the subjects of a probe fit;
-* `model`: the parameters are split over it (tensor parallelism): attention heads, the MLP's
-  hidden units and the vocabulary. With `config.mesh.fsdp`, the parameters are also split over
-  `data` along the embedding axis (FSDP) and gathered layer by layer by XLA as they are used.
+* `model`: the parameters are split over it (tensor parallelism): attention heads by key/value
+  head (a device holds whole query groups, `models/params.py`), the MLP's hidden units and the
+  vocabulary: one all-reduce after `o_proj` and one after `down_proj` per layer. With
+  `config.mesh.fsdp`, the parameters are also split over `data` along the embedding axis
+  (FSDP) and gathered layer by layer by XLA as they are used.
 
 Model code never names mesh axes: every parameter leaf has logical axes (`PARAM_AXES`, in the
 style of MaxText's `logical_axis_rules` and levanter's named axes) and `rules` maps them to
@@ -37,15 +39,10 @@ PARAM_AXES = {
     ("embed_tokens", "embedding"): ("vocab", "embed"),
     ("layers", "input_layernorm", "scale"): ("layers", "embed"),
     ("layers", "post_attention_layernorm", "scale"): ("layers", "embed"),
-    ("layers", "attn", "q_proj", "kernel"): ("layers", "embed", "heads", "head_dim"),
-    ("layers", "attn", "q_proj", "bias"): ("layers", "heads", "head_dim"),
-    ("layers", "attn", "k_proj", "kernel"): ("layers", "embed", "kv_heads", "head_dim"),
-    ("layers", "attn", "k_proj", "bias"): ("layers", "kv_heads", "head_dim"),
-    ("layers", "attn", "v_proj", "kernel"): ("layers", "embed", "kv_heads", "head_dim"),
-    ("layers", "attn", "v_proj", "bias"): ("layers", "kv_heads", "head_dim"),
+    ("layers", "attn", "qkv_proj", "kernel"): ("layers", "embed", "kv_heads", "qkv", "head_dim"),
+    ("layers", "attn", "qkv_proj", "bias"): ("layers", "kv_heads", "qkv", "head_dim"),
     ("layers", "attn", "o_proj", "kernel"): ("layers", "heads", "head_dim", "embed"),
-    ("layers", "mlp", "gate_proj", "kernel"): ("layers", "embed", "mlp"),
-    ("layers", "mlp", "up_proj", "kernel"): ("layers", "embed", "mlp"),
+    ("layers", "mlp", "gate_up_proj", "kernel"): ("layers", "embed", "gate_up", "mlp"),
     ("layers", "mlp", "down_proj", "kernel"): ("layers", "mlp", "embed"),
     ("norm", "scale"): ("embed",),
     ("lm_head", "kernel"): ("embed", "vocab"),
@@ -55,7 +52,8 @@ PARAM_AXES = {
 def rules(fsdp: bool = False) -> dict[str, str | None]:
   """Logical axis -> mesh axis (None: replicated)."""
   return {"vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model",
-          "embed": "data" if fsdp else None, "layers": None, "head_dim": None,
+          "embed": "data" if fsdp else None, "layers": None, "head_dim": None, "qkv": None,
+          "gate_up": None,
           "pairs": "data", "subjects": "data"}
 
 
@@ -136,6 +134,23 @@ def batch_sharding(mesh: Mesh, rows: int, ndim: int) -> NamedSharding:
   data = mesh.shape["data"]
   lead = "data" if data > 1 and rows % data == 0 else None
   return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+
+
+def constrain_rows(mesh: Mesh | None, tree, axis: int = 0):
+  """Inside `jit`: every leaf's `axis` (its rows) split over `data` when it divides them, its
+  other axes left to XLA (so a cache's kv heads stay split over `model`). Outside a mesh,
+  `tree` unchanged. The compiled program then keeps each device to its own rows, whatever
+  the inputs' placement (`batch_sharding` is the same rule for arrays sent from the host)."""
+  if mesh is None:
+    return tree
+  data = mesh.shape["data"]
+
+  def one(x):
+    spec = [PartitionSpec.UNCONSTRAINED] * x.ndim
+    spec[axis] = "data" if data > 1 and x.shape[axis] % data == 0 else None
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+  return jax.tree.map(one, tree)
 
 
 def put_batch(mesh: Mesh | None, array):

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from palign_jax import parallel, scoring
+from palign_jax.models import params as params_lib
 from palign_jax.models.config import ModelConfig, RopeScaling
 
 PRESETS = {
@@ -189,27 +190,7 @@ def param_bytes_per_device(config: ModelConfig, dtype_bytes: int, data: int, mod
                            fsdp: bool) -> float:
   """Bytes of the parameters one device holds under `parallel.rules`."""
   c, mesh, rules = config, _MeshShape(data, model), parallel.rules(fsdp)
-  shapes = {
-      ("embed_tokens", "embedding"): (c.vocab_size, c.hidden_size),
-      ("layers", "input_layernorm", "scale"): (c.num_layers, c.hidden_size),
-      ("layers", "post_attention_layernorm", "scale"): (c.num_layers, c.hidden_size),
-      ("layers", "attn", "q_proj", "kernel"): (c.num_layers, c.hidden_size, c.num_heads,
-                                               c.head_dim),
-      ("layers", "attn", "k_proj", "kernel"): (c.num_layers, c.hidden_size, c.num_kv_heads,
-                                               c.head_dim),
-      ("layers", "attn", "v_proj", "kernel"): (c.num_layers, c.hidden_size, c.num_kv_heads,
-                                               c.head_dim),
-      ("layers", "attn", "o_proj", "kernel"): (c.num_layers, c.num_heads, c.head_dim,
-                                               c.hidden_size),
-      ("layers", "mlp", "gate_proj", "kernel"): (c.num_layers, c.hidden_size,
-                                                 c.intermediate_size),
-      ("layers", "mlp", "up_proj", "kernel"): (c.num_layers, c.hidden_size, c.intermediate_size),
-      ("layers", "mlp", "down_proj", "kernel"): (c.num_layers, c.intermediate_size,
-                                                 c.hidden_size),
-      ("norm", "scale"): (c.hidden_size,),
-  }
-  if not c.tie_word_embeddings:
-    shapes[("lm_head", "kernel")] = (c.hidden_size, c.vocab_size)
+  shapes = params_lib.param_shapes(c)
   total = 0.0
   for key, shape in shapes.items():
     spec, _ = parallel._spec(shape, parallel.PARAM_AXES[key], mesh, rules)

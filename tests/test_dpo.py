@@ -24,6 +24,7 @@ from palign_jax.errors import UserInputError
 from palign_jax.models.config import ModelConfig
 from palign_jax.models.llama import adapter_dims, init_params
 from palign_jax.models.llama import forward_jit as forward
+from palign_jax.models.params import fuse_qkv, split_qkv
 from palign_jax.protocol import dpo, records
 from palign_jax.protocol import profile as profile_lib
 
@@ -88,11 +89,13 @@ def numpy_log_prob(params, adapters, tokens, start):
     layer = jax.tree.map(lambda w, i=i: w[i], p["layers"])
     attn = layer["attn"]
     h = norm(x, layer["input_layernorm"]["scale"])
-    proj = lambda name, n, h=h, attn=attn, i=i: (
-        np.einsum("td,dnh->tnh", h, attn[name]["kernel"]) + attn[name]["bias"]
+    kernels = split_qkv(attn["qkv_proj"]["kernel"])  # [hidden, n, head_dim] each
+    biases = split_qkv(attn["qkv_proj"]["bias"])
+    proj = lambda j, name, n, h=h, i=i, kernels=kernels, biases=biases: (
+        np.einsum("td,dnh->tnh", h, kernels[j]) + biases[j]
         + np.reshape(side(name, h, i) + np.zeros((T, n * c.head_dim)), (T, n, c.head_dim)))
-    q, k, v = proj("q_proj", c.num_heads), proj("k_proj", c.num_kv_heads), proj(
-        "v_proj", c.num_kv_heads)
+    q, k, v = (proj(0, "q_proj", c.num_heads), proj(1, "k_proj", c.num_kv_heads),
+               proj(2, "v_proj", c.num_kv_heads))
     q, k = rope(q), rope(k)
     groups = c.num_heads // c.num_kv_heads
     k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
@@ -103,7 +106,8 @@ def numpy_log_prob(params, adapters, tokens, start):
     heads = np.einsum("nts,snh->tnh", weights, v).reshape(T, -1)
     x = x + heads @ attn["o_proj"]["kernel"].reshape(-1, c.hidden_size) + side("o_proj", heads, i)
     h = norm(x, layer["post_attention_layernorm"]["scale"])
-    gate, up = h @ layer["mlp"]["gate_proj"]["kernel"], h @ layer["mlp"]["up_proj"]["kernel"]
+    gate_up = layer["mlp"]["gate_up_proj"]["kernel"]  # [hidden, 2, intermediate]
+    gate, up = h @ gate_up[:, 0], h @ gate_up[:, 1]
     x = x + (gate / (1 + np.exp(-gate)) * up) @ layer["mlp"]["down_proj"]["kernel"]
   logits = norm(x, p["norm"]["scale"]) @ p["embed_tokens"]["embedding"].T
   log_probs = logits - logits.max(-1, keepdims=True)
@@ -145,9 +149,13 @@ def test_lora_side_path_equals_merged_kernels():
   adapters = random_adapters(3)
   merged = jax.tree.map(lambda x: x, params)
   attn = merged["layers"]["attn"]
+  kernels = dict(zip(("q_proj", "k_proj", "v_proj"), split_qkv(attn["qkv_proj"]["kernel"]),
+                     strict=True), o_proj=attn["o_proj"]["kernel"])
   for name, f in adapters.items():
     delta = jnp.einsum("lir,lro->lio", f["a"], f["b"])
-    attn[name]["kernel"] = attn[name]["kernel"] + delta.reshape(attn[name]["kernel"].shape)
+    kernels[name] = kernels[name] + delta.reshape(kernels[name].shape)
+  attn["qkv_proj"]["kernel"] = fuse_qkv(kernels["q_proj"], kernels["k_proj"], kernels["v_proj"])
+  attn["o_proj"]["kernel"] = kernels["o_proj"]
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, CONFIG.vocab_size, (2, 10)))
   ours = forward(params, CONFIG, tokens, adapters=adapters).logits
   ref = forward(merged, CONFIG, tokens).logits

@@ -10,7 +10,7 @@ import pytest
 from palign_jax.errors import UserInputError
 from palign_jax.models import gguf as gguf_loader
 from palign_jax.models.config import ModelConfig
-from palign_jax.models.params import expected_hf_shapes
+from palign_jax.models.params import expected_hf_shapes, split_qkv
 
 Q = gguf.GGMLQuantizationType
 
@@ -225,7 +225,7 @@ def test_mixed_quantization_model_loads_and_runs(tmp_path):
                              atol=1e-7)
   # k_proj (Q5_K) rows come back in Hugging Face order (un-permuted).
   k = gguf_loader.unpermute_qk(decoded["model.layers.0.self_attn.k_proj.weight"], 2)
-  np.testing.assert_allclose(params["layers"]["attn"]["k_proj"]["kernel"][0],
+  np.testing.assert_allclose(split_qkv(params["layers"]["attn"]["qkv_proj"]["kernel"][0])[1],
                              k.T.reshape(256, 2, 64), rtol=1e-6, atol=1e-7)
   logits = forward(params, loaded_config, np.arange(8, dtype=np.int32)[None]).logits
   assert np.isfinite(np.asarray(logits)).all()
@@ -330,8 +330,11 @@ def test_load_gguf_gives_params_layout(tmp_path):
   gguf_loader.write_gguf(tmp_path / "m.gguf", TINY, tensors)
   config, params = gguf_loader.load_gguf(tmp_path / "m.gguf")
   q = tensors["model.layers.1.self_attn.q_proj.weight"]  # [heads*head_dim, hidden]
-  np.testing.assert_array_equal(params["layers"]["attn"]["q_proj"]["kernel"][1],
+  np.testing.assert_array_equal(split_qkv(params["layers"]["attn"]["qkv_proj"]["kernel"][1])[0],
                                 q.T.reshape(64, 4, 16))
+  gate = tensors["model.layers.0.mlp.gate_proj.weight"]  # [intermediate, hidden]
+  np.testing.assert_array_equal(params["layers"]["mlp"]["gate_up_proj"]["kernel"][0][:, 0],
+                                gate.T)
   assert params["lm_head"]["kernel"].shape == (64, 96)
 
 

@@ -6,6 +6,7 @@ Llama 3 RoPE scaling, Mistral), float32. Tolerance: max |ours - torch| <= 1e-5 *
 """
 
 import contextlib
+import dataclasses
 import functools
 
 import jax
@@ -16,10 +17,16 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from palign_jax.errors import UserInputError  # noqa: E402
 from palign_jax.models.config import ModelConfig, RopeScaling  # noqa: E402
-from palign_jax.models.llama import KVCache  # noqa: E402
+from palign_jax.models.llama import KVCache, attention_implementation, init_params  # noqa: E402
 from palign_jax.models.llama import forward_jit as forward  # noqa: E402
-from palign_jax.models.params import params_from_hf_tensors  # noqa: E402
+from palign_jax.models.params import (  # noqa: E402
+    fuse_qkv,
+    param_shapes,
+    params_from_hf_tensors,
+    split_qkv,
+)
 
 RTOL = 1e-5
 LLAMA3 = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -230,3 +237,84 @@ def test_bfloat16_params_run_close_to_float32():
   out = forward(half, config, tokens).logits
   assert out.dtype == jnp.float32
   assert_close(out, ref, rtol=5e-2)
+
+
+# --- the stored layout and the attention kernels ---------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_params_layout_is_the_documented_one(name):
+  _, config, params = build(name)
+  got = {tuple(p.key for p in path): tuple(leaf.shape)
+         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  assert got == param_shapes(config)
+  init = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+  assert {tuple(p.key for p in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(init)[0]} == got
+
+
+def test_fused_qkv_round_trips_and_groups_query_heads_by_kv_head():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((3, 5, n, 4)) for n in (6, 2, 2))
+  fused = fuse_qkv(q, k, v)
+  assert fused.shape == (3, 5, 2, 5, 4)  # 3 query heads per kv head, then k, then v
+  np.testing.assert_array_equal(fused[:, :, 1, 2], q[:, :, 5])  # head 5 = kv head 1, slot 2
+  np.testing.assert_array_equal(fused[:, :, 1, 3], k[:, :, 1])
+  for got, want in zip(split_qkv(fused), (q, k, v), strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
+def _with_attention(config, implementation):
+  return dataclasses.replace(config, attention=implementation)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_bias_tied"])
+def test_dot_product_attention_computes_what_the_einsum_attention_does(name):
+  """The "xla" implementation is `jax.nn.dot_product_attention` with the arguments cuDNN gets
+  on a GPU (one key sequence, one boolean mask); float32: 1e-5 of the logits' scale."""
+  _, config, params = build(name)
+  einsum, xla = _with_attention(config, "einsum"), _with_attention(config, "xla")
+  shape = config.num_layers, config.num_heads, config.head_dim
+  steering = 0.3 * jax.random.normal(jax.random.PRNGKey(1), shape)
+  tokens = jnp.asarray(random_tokens(config, (3, 14), seed=8))
+  lengths = jnp.asarray([14, 9, 1])
+  mask = jnp.arange(14)[None] < lengths[:, None]
+  kwargs = dict(attention_mask=mask, steering=steering, capture_positions=lengths - 1,
+                return_kv=True)
+  a, b = forward(params, einsum, tokens, **kwargs), forward(params, xla, tokens, **kwargs)
+  for row, n in enumerate(lengths.tolist()):  # padding positions are never read
+    assert_close(b.logits[row, :n], a.logits[row, :n])
+  assert_close(b.head_outputs, a.head_outputs)
+  # Continuations of a shared prefix (one cache row for all, padded slots) and of per-row ones.
+  positions = 14 + jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (3, 5))
+  tails = jnp.asarray(random_tokens(config, (3, 5), seed=9))
+  shared = jax.tree.map(lambda x: x[:, :1] if x.ndim == 5 else x[:1], a.kv_cache)
+  for cache in (shared, a.kv_cache):
+    kwargs = dict(kv_cache=cache, steering=steering, logits_positions=jnp.asarray([[4]] * 3))
+    assert_close(forward(params, xla, tails, positions, **kwargs).logits,
+                 forward(params, einsum, tails, positions, **kwargs).logits)
+  # bfloat16: both round the same products; they differ by bfloat16's own rounding.
+  half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  kwargs = dict(attention_mask=mask, logits_positions=(lengths - 1)[:, None])
+  assert_close(forward(half, xla, tokens, **kwargs).logits,
+               forward(half, einsum, tokens, **kwargs).logits, rtol=5e-2)
+
+
+def test_a_query_that_sees_no_key_stays_finite_under_dot_product_attention():
+  # Left padding (generation): the first positions see only padding. The additive mask cuDNN
+  # uses would make them NaN and poison the rows; they see themselves instead.
+  _, config, params = build("llama_gqa_tied")
+  tokens = jnp.asarray(random_tokens(config, (2, 6), seed=10))
+  mask = jnp.asarray([[False, False, True, True, True, True], [True] * 6])
+  out = forward(params, _with_attention(config, "xla"), tokens, attention_mask=mask)
+  ref = forward(params, _with_attention(config, "einsum"), tokens, attention_mask=mask)
+  assert np.isfinite(np.asarray(out.logits)).all()
+  assert_close(out.logits[:, 2:], ref.logits[:, 2:])
+
+
+def test_attention_implementation_is_chosen_per_backend_and_validated():
+  _, config, _ = build("llama_gqa_tied")
+  assert jax.default_backend() == "cpu"
+  assert attention_implementation(config, jnp.bfloat16) == "einsum"  # "auto" on a CPU
+  assert attention_implementation(_with_attention(config, "xla"), jnp.float32) == "xla"
+  with pytest.raises(UserInputError, match=r"attention must be one of .* got 'flash'"):
+    _with_attention(config, "flash").validate()

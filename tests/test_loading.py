@@ -180,6 +180,30 @@ def test_broken_cache_entry_is_rebuilt(tmp_path, tiny_model):
   assert loading.load_model(folder, cache_dir=cache).from_cache
 
 
+def test_a_sharded_restore_that_fails_says_so_and_keeps_the_entry(tmp_path, tiny_model):
+  from palign_jax import parallel
+
+  folder = save_folder(tmp_path / "model", tiny_model)
+  cache = tmp_path / "cache"
+  loading.load_model(folder, cache_dir=cache)
+  (entry,) = (cache / "models").iterdir()
+  mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
+  good = lambda shapes: parallel.param_shardings(shapes, mesh)
+  assert loading.load_model(folder, cache_dir=cache, shardings=good).from_cache
+
+  def failing(shapes):  # what a device out of memory or a mesh it cannot hold looks like
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+  with pytest.raises(UserInputError, match=r"could not be restored into this mesh's shardings "
+                     r"\(RuntimeError: RESOURCE_EXHAUSTED.*The entry is kept"):
+    loading.load_model(folder, cache_dir=cache, shardings=failing)
+  assert (entry / "params").is_dir()  # nothing deleted, nothing converted
+  # A broken entry is another matter: rebuilt with a warning, sharded or not.
+  shutil.rmtree(entry / "params")
+  with pytest.warns(UserWarning, match="unreadable cache entry"):
+    assert not loading.load_model(folder, cache_dir=cache, shardings=good).from_cache
+
+
 def test_folder_without_tokenizer(tmp_path, tiny_model):
   tiny_model.save_pretrained(tmp_path / "bare")
   with pytest.raises(UserInputError, match=r"bare: no tokenizer in this folder"):

@@ -38,7 +38,7 @@ model_dir, out = sys.argv[1], sys.argv[2]
 subjects = data.parse_subject_spec("0:4", data.load_papi_subjects())
 heldout = data.load_split().heldout[::15]
 results, reference_acts = {}, None
-for name, shape in [("1x1", (1, 1, False)), ("8x1_fsdp", (8, 1, True)), ("2x4", (2, 4, False))]:
+for name, shape in [("1x1", (1, 1, False)), ("8x1_fsdp", (8, 1, True)), ("4x2", (4, 2, False))]:
   config = tiny_run_config(model_dir, **{"mesh.data": shape[0], "mesh.model": shape[1],
                                          "mesh.fsdp": shape[2], "subjects_per_batch": 4,
                                          "scoring.prefix_batch": 4})
@@ -58,7 +58,7 @@ for name, shape in [("1x1", (1, 1, False)), ("8x1_fsdp", (8, 1, True)), ("2x4", 
   # Every mesh aligns from the same activations, so the comparison is of the sweep alone.
   aligned = alignment.align_subjects(engine, reference_acts, subjects, settings,
                                      selections=("kfold_known", "oracle_test"), heldout=heldout)
-  q = params["layers"]["attn"]["q_proj"]["kernel"]
+  q = params["layers"]["attn"]["qkv_proj"]["kernel"]
   embed = params["embed_tokens"]["embedding"]
   results[name] = {
       "q_spec": str(q.sharding.spec), "q_devices": len(q.sharding.device_set),
@@ -93,19 +93,20 @@ def mesh_runs(tiny_model_dir, tmp_path_factory):
 
 
 def test_parameters_are_really_sharded(mesh_runs):
-  one, fsdp, tp = mesh_runs["1x1"], mesh_runs["8x1_fsdp"], mesh_runs["2x4"]
-  assert one["q_devices"] == 1 and one["q_shard"] == [3, 32, 4, 8]
-  # Tensor parallel: the 4 query heads over model=4, one per device; loaded from the orbax
-  # cache straight into these shardings (the 1x1 run wrote the cache).
-  assert tp["q_devices"] == 8 and tp["q_shard"] == [3, 32, 1, 8]
+  one, fsdp, tp = mesh_runs["1x1"], mesh_runs["8x1_fsdp"], mesh_runs["4x2"]
+  # q/k/v fused: [layers, hidden, kv_heads, groups + 2, head_dim]
+  assert one["q_devices"] == 1 and one["q_shard"] == [3, 32, 2, 4, 8]
+  # Tensor parallel: the 2 kv heads (each with its 2 query heads) over model=2, one group per
+  # device; loaded from the orbax cache straight into these shardings (the 1x1 run wrote it).
+  assert tp["q_devices"] == 8 and tp["q_shard"] == [3, 32, 1, 4, 8]
   assert "model" in tp["q_spec"]
-  assert tp["embed_shard"] == [49152 // 4, 32]  # vocabulary over model
+  assert tp["embed_shard"] == [49152 // 2, 32]  # vocabulary over model
   # FSDP: the embedding axis (32) over data=8.
-  assert fsdp["q_devices"] == 8 and fsdp["q_shard"] == [3, 4, 4, 8]
+  assert fsdp["q_devices"] == 8 and fsdp["q_shard"] == [3, 4, 2, 4, 8]
   assert fsdp["embed_shard"] == [49152, 4]
 
 
-@pytest.mark.parametrize("name", ["1x1", "8x1_fsdp", "2x4"])
+@pytest.mark.parametrize("name", ["1x1", "8x1_fsdp", "4x2"])
 def test_planner_knows_the_parameter_bytes_each_device_holds(mesh_runs, name):
   run = mesh_runs[name]
   assert run["planned_param_bytes"] == run["param_bytes"]
@@ -114,10 +115,10 @@ def test_planner_knows_the_parameter_bytes_each_device_holds(mesh_runs, name):
 def test_prefix_batch_is_a_multiple_of_the_data_axis(mesh_runs):
   assert mesh_runs["1x1"]["prefix_batch"] == 4
   assert mesh_runs["8x1_fsdp"]["prefix_batch"] == 8  # 4 rounded up to whole devices
-  assert mesh_runs["2x4"]["prefix_batch"] == 4
+  assert mesh_runs["4x2"]["prefix_batch"] == 4
 
 
-@pytest.mark.parametrize("name", ["8x1_fsdp", "2x4"])
+@pytest.mark.parametrize("name", ["8x1_fsdp", "4x2"])
 def test_every_mesh_computes_what_one_device_does(mesh_runs, name):
   one, other = mesh_runs["1x1"], mesh_runs[name]
   # float32 sums split over devices add in another order: equal to ~1e-6 of the scale

@@ -13,6 +13,7 @@ from typing import Any
 
 from palign_jax.errors import UserInputError
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -48,6 +49,10 @@ class ModelConfig:
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 8192
   architecture: str = "llama"  # one of SUPPORTED_ARCHITECTURES' values
+  # How attention is computed, not what: one of ATTENTION_IMPLEMENTATIONS (see
+  # `llama.attention_implementation`). Not part of the model's identity: checkpoints,
+  # caches and fingerprints leave it out (`loading.config_to_dict`).
+  attention: str = "auto"
 
   @property
   def num_query_groups(self) -> int:
@@ -65,6 +70,9 @@ class ModelConfig:
       problems.append(
           f"num_attention_heads ({self.num_heads}) is not a multiple of "
           f"num_key_value_heads ({self.num_kv_heads})")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      problems.append(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                      f"{self.attention!r}")
     if problems:
       raise UserInputError(f"{source}: " + "; ".join(problems))
     return self

@@ -30,13 +30,17 @@ Everything PAS needs is a plain argument of `forward`, so `vmap` can batch it:
     is folded into `b` by the caller (`palign_jax.dpo.lora.for_forward`).
 
 Numerics follow Hugging Face: RMSNorm and softmax in float32, the rest in the parameter dtype
-(float32 or bfloat16), logits returned in float32. Mistral's sliding window is not implemented
-(it only matters beyond 4,096 tokens).
+(float32 or bfloat16) with float32 accumulation in attention, logits returned in float32.
+Attention runs as einsums that never transpose or broadcast the scores (the CPU's fastest), or
+through `jax.nn.dot_product_attention` (cuDNN's flash kernel on a GPU):
+`attention_implementation` chooses, `config.attention` overrides. Mistral's sliding window is
+not implemented (it only matters beyond 4,096 tokens).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -88,10 +92,11 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
 
 
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Applies RoPE in the Hugging Face "rotate half" layout. x [B,T,N,H], cos/sin [B,T,H]."""
+  """Applies RoPE in the Hugging Face "rotate half" layout. x [B,T,...,H], cos/sin [B,T,H]."""
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  heads = (slice(None), slice(None)) + (None,) * (x.ndim - 3)  # [B,T,H] -> [B,T,1..,H]
+  cos, sin = cos[heads].astype(x.dtype), sin[heads].astype(x.dtype)
   return x * cos + rotated * sin
 
 
@@ -138,6 +143,48 @@ def _attention(q, k, v, self_mask, cache=None):
     else:
       out = out + jnp.einsum("BKTGS,BSKH->BKTGH", p_cache, cache_v, preferred_element_type=f32)
   return jnp.transpose(out / denom, (0, 2, 1, 3, 4)).astype(v.dtype)  # -> [B,T,K,G,H]
+
+
+def attention_implementation(config: ModelConfig, dtype) -> str:
+  """The attention kernel `forward` runs (resolved at trace time).
+
+  `config.attention` unless it is "auto": then cuDNN's fused flash kernel on a GPU in half
+  precision (it never materialises the `[batch, heads, T, S]` scores), and `_attention`'s
+  einsums elsewhere (measured the fastest on a CPU; `benchmarks/RESULTS_scoring.md`). "xla" is
+  `jax.nn.dot_product_attention`'s XLA path: the cuDNN call's exact arguments on any backend,
+  which is how the CPU tests check them.
+  """
+  if config.attention != "auto":
+    return config.attention
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if jax.default_backend() == "gpu" and half else "einsum"
+
+
+def _attention_dot_product(q, k, v, self_mask, cache, implementation: str):
+  """`_attention` through `jax.nn.dot_product_attention` (same arguments and result).
+
+  The prefix (shared or per row) and this call's keys are one key sequence with one boolean
+  mask [B,1,T,S+T]; cuDNN turns it into an additive bias of that size, far smaller than the
+  scores it never stores.
+  """
+  B, T, K, G, H = q.shape
+  keys, values, mask = k, v, self_mask
+  if cache is not None:
+    cache_k, cache_v, cache_mask = cache
+    S = cache_k.shape[1]
+    widen = lambda x: jnp.broadcast_to(x, (B,) + x.shape[1:]).astype(k.dtype)
+    keys = jnp.concatenate([widen(cache_k), k], axis=1)
+    values = jnp.concatenate([widen(cache_v), v], axis=1)
+    mask = jnp.concatenate([jnp.broadcast_to(cache_mask[:, None, :], (B, T, S)), mask], -1)
+  # A padding query that sees no key (left padding in generation) would be NaN under an
+  # additive mask, and a NaN key poisons every row; seeing itself keeps it finite. Real
+  # queries already see themselves, so their results do not change.
+  slots = keys.shape[1]
+  own = jnp.arange(T)[:, None] + (slots - T) == jnp.arange(slots)[None, :]
+  out = jax.nn.dot_product_attention(
+      q.reshape(B, T, K * G, H), keys, values, mask=(mask | own)[:, None],
+      implementation=implementation)
+  return out.reshape(B, T, K, G, H)
 
 
 def _low_rank(adapters, name: str, x: jax.Array) -> jax.Array | None:
@@ -215,15 +262,15 @@ class Attention(nn.Module):
     G = c.num_query_groups
     bias = c.attention_bias
     dt = self.param_dtype
-    # One matmul for q, k and v (wider is faster on CPU); the weights stay separate params.
-    wq, bq = Weights((D, N, H), (N, H) if bias else None, dt, name="q_proj")()
-    wk, bk = Weights((D, K, H), (K, H) if bias else None, dt, name="k_proj")()
-    wv, bv = Weights((D, K, H), (K, H) if bias else None, dt, name="v_proj")()
+    # q, k and v in one matmul, from weights stored fused (`params.py`).
+    w_qkv, b_qkv = Weights((D, K, G + 2, H), (K, G + 2, H) if bias else None, dt,
+                           name="qkv_proj")()
     x = x.astype(dt)
-    qkv = jnp.einsum("BTD,DMH->BTMH", x, jnp.concatenate([wq, wk, wv], axis=1))
+    qkv = jnp.einsum("BTD,DKJH->BTKJH", x, w_qkv)
     if bias:
-      qkv = qkv + jnp.concatenate([bq, bk, bv], axis=0)
-    q, k, v = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]  # BTNH, BTKH, BTKH
+      qkv = qkv + b_qkv
+    # query head n = k * G + g reads kv head k
+    q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]  # BTKGH, BTKH, BTKH
     q = _rotate(q, shared["cos"], shared["sin"])
     k = _rotate(k, shared["cos"], shared["sin"])
     adapters = layer.get("adapters")
@@ -237,11 +284,21 @@ class Attention(nn.Module):
       k = k if dk is None else k + rope(dk, k)
       v = v if dv is None else v + dv.reshape(v.shape)
     B, T = q.shape[:2]
-    q = q.reshape(B, T, K, G, H)  # query head n = k * G + g reads kv head k
     cache = None
     if layer.get("cache_k") is not None:
       cache = (layer["cache_k"], layer["cache_v"], shared["cache_mask"])
-    out = _attention(q, k, v, shared["self_mask"], cache)
+    out, implementation = None, attention_implementation(c, dt)
+    if implementation != "einsum":
+      try:
+        out = _attention_dot_product(q, k, v, shared["self_mask"], cache, implementation)
+      except (RuntimeError, ValueError, NotImplementedError) as err:
+        if c.attention != "auto":
+          raise
+        # cuDNN refuses some shapes and versions at trace time; "auto" then keeps running.
+        warnings.warn(f"cuDNN attention unavailable ({err}); using the einsum attention",
+                      stacklevel=2)
+    if out is None:
+      out = _attention(q, k, v, shared["self_mask"], cache)
 
     heads = out.reshape(B, T, N, H)  # BTNH: what o_proj reads, PAS's place
     steering = layer.get("steering")
@@ -264,10 +321,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     D, F, dt = self.config.hidden_size, self.config.intermediate_size, self.param_dtype
-    w_gate, _ = Weights((D, F), None, dt, name="gate_proj")()
-    w_up, _ = Weights((D, F), None, dt, name="up_proj")()
-    gate_up = jnp.einsum("BTD,DF->BTF", x.astype(dt), jnp.concatenate([w_gate, w_up], axis=1))
-    hidden = nn.silu(gate_up[..., :F]) * gate_up[..., F:]
+    w_gate_up, _ = Weights((D, 2, F), None, dt, name="gate_up_proj")()  # stored fused
+    gate_up = jnp.einsum("BTD,DJF->BTJF", x.astype(dt), w_gate_up)
+    hidden = nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
     return Einsum((F, D), "BTF,FD->BTD", None, dt, name="down_proj")(hidden)
 
 

@@ -46,7 +46,7 @@ DEFAULT_SPECS = (None, "default", "smollm2")
 CACHE_ENV = "PALIGN_JAX_CACHE"
 DTYPES = ("float32", "bfloat16", "float16")
 # Bump when the cached layout or the conversion changes, so stale entries are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: q/k/v and gate/up stored fused
 
 # Params' shapes (a pytree of jax.ShapeDtypeStruct) -> a matching pytree of shardings.
 ShardingFn = Callable[[Any], Any]
@@ -131,7 +131,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
-  return dataclasses.asdict(config)
+  """The model's identity as plain data (the attention implementation is not part of it)."""
+  data = dataclasses.asdict(config)
+  data.pop("attention")
+  return data
 
 
 def config_from_dict(data: dict[str, Any]) -> ModelConfig:
@@ -198,17 +201,28 @@ def _save_entry(entry: Path, config: ModelConfig, params: Params, fingerprint: s
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+class ShardedRestoreError(Exception):
+  """A readable cache entry that could not be restored into the requested shardings."""
+
+
 def _restore_params(entry: Path, shardings: ShardingFn | None) -> Params:
-  """The cached params: numpy arrays, or (with `shardings`) jax arrays restored in place."""
+  """The cached params: numpy arrays, or (with `shardings`) jax arrays restored in place.
+
+  Raises ShardedRestoreError when the entry's metadata reads but the sharded restore fails:
+  that is about the mesh or the devices (memory, a layout they cannot hold), not the entry.
+  """
   with _checkpointer() as checkpointer:
     if shardings is None:
       return checkpointer.restore(entry / "params")
     stored = checkpointer.metadata(entry / "params").item_metadata.tree
     shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            shapes, shardings(shapes))
-    return checkpointer.restore(entry / "params", args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+    try:
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              shapes, shardings(shapes))
+      return checkpointer.restore(entry / "params", args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+    except Exception as err:
+      raise ShardedRestoreError(f"{type(err).__name__}: {err}") from err
 
 
 def _read_entry(entry: Path, shardings: ShardingFn | None = None
@@ -229,6 +243,13 @@ def _read_entry(entry: Path, shardings: ShardingFn | None = None
     if (entry / "tokenizer").is_dir():
       tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(entry / "tokenizer")
     return config_from_dict(meta["config"]), params, meta["fingerprint"], tokenizer
+  except ShardedRestoreError as err:
+    # Converting again would hide the cause and fail the same way when the new entry is
+    # restored (or gather a model too large for one device on the host): say so instead.
+    raise UserInputError(
+        f"{entry}: the cached model could not be restored into this mesh's shardings ({err}). "
+        "The entry is kept; check config.mesh against the devices and their memory, or "
+        "delete that folder to convert the checkpoint again") from None
   except Exception as err:  # the cache is only a shortcut: rebuild it, whatever broke
     warnings.warn(f"{entry}: unreadable cache entry, converting again: {err}", stacklevel=3)
     shutil.rmtree(entry, ignore_errors=True)

@@ -6,21 +6,24 @@ Hugging Face tensor names to numpy arrays in Hugging Face orientation
 the pytree the Flax model consumes. Layers are stacked on a leading axis so
 the model can `scan` over them:
 
-    embed_tokens.embedding        [vocab, hidden]
-    layers.input_layernorm.scale  [layers, hidden]
-    layers.attn.q_proj.kernel     [layers, hidden, heads, head_dim]
-    layers.attn.q_proj.bias       [layers, heads, head_dim]          (Qwen2 only)
-    layers.attn.k_proj.kernel     [layers, hidden, kv_heads, head_dim]
-    layers.attn.k_proj.bias       [layers, kv_heads, head_dim]       (Qwen2 only)
-    layers.attn.v_proj.kernel     [layers, hidden, kv_heads, head_dim]
-    layers.attn.v_proj.bias       [layers, kv_heads, head_dim]       (Qwen2 only)
-    layers.attn.o_proj.kernel     [layers, heads, head_dim, hidden]
+    embed_tokens.embedding          [vocab, hidden]
+    layers.input_layernorm.scale    [layers, hidden]
+    layers.attn.qkv_proj.kernel     [layers, hidden, kv_heads, groups + 2, head_dim]
+    layers.attn.qkv_proj.bias       [layers, kv_heads, groups + 2, head_dim]   (Qwen2 only)
+    layers.attn.o_proj.kernel       [layers, heads, head_dim, hidden]
     layers.post_attention_layernorm.scale [layers, hidden]
-    layers.mlp.gate_proj.kernel   [layers, hidden, intermediate]
-    layers.mlp.up_proj.kernel     [layers, hidden, intermediate]
-    layers.mlp.down_proj.kernel   [layers, intermediate, hidden]
-    norm.scale                    [hidden]
-    lm_head.kernel                [hidden, vocab]                    (untied only)
+    layers.mlp.gate_up_proj.kernel  [layers, hidden, 2, intermediate]   (gate, then up)
+    layers.mlp.down_proj.kernel     [layers, intermediate, hidden]
+    norm.scale                      [hidden]
+    lm_head.kernel                  [hidden, vocab]                     (untied only)
+
+q, k and v are stored fused, grouped by key/value head: slot `g < groups` of kv head `k` is
+query head `k * groups + g` (the head that reads kv head `k` in grouped-query attention), slot
+`groups` is the key and `groups + 1` the value (`groups = heads // kv_heads`). One matmul
+computes all three, and splitting the `kv_heads` axis over devices (tensor parallelism) gives
+each device whole groups, so no layer reshards. gate and up are fused the same way on a
+separate axis of size 2, so splitting `intermediate` keeps each device's gate and up units
+together. `fuse_qkv` / `split_qkv` convert between this and per-projection arrays.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from palign_jax.errors import UserInputError
@@ -80,6 +84,47 @@ def check_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any],
           f"{source}: tensor '{name}' has shape {got}, but the config implies {shape}")
 
 
+def param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Every leaf's path and shape in the layout above (the planner prices memory from it)."""
+  c = config
+  L, D, K, H = c.num_layers, c.hidden_size, c.num_kv_heads, c.head_dim
+  slots = c.num_query_groups + 2
+  shapes = {
+      ("embed_tokens", "embedding"): (c.vocab_size, D),
+      ("layers", "input_layernorm", "scale"): (L, D),
+      ("layers", "attn", "qkv_proj", "kernel"): (L, D, K, slots, H),
+      ("layers", "attn", "o_proj", "kernel"): (L, c.num_heads, H, D),
+      ("layers", "post_attention_layernorm", "scale"): (L, D),
+      ("layers", "mlp", "gate_up_proj", "kernel"): (L, D, 2, c.intermediate_size),
+      ("layers", "mlp", "down_proj", "kernel"): (L, c.intermediate_size, D),
+      ("norm", "scale"): (D,),
+  }
+  if c.attention_bias:
+    shapes[("layers", "attn", "qkv_proj", "bias")] = (L, K, slots, H)
+  if not c.tie_word_embeddings:
+    shapes[("lm_head", "kernel")] = (D, c.vocab_size)
+  return shapes
+
+
+def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+  """q [..., heads, head_dim], k and v [..., kv_heads, head_dim] -> the fused
+  [..., kv_heads, groups + 2, head_dim] (any leading axes, numpy or jax arrays)."""
+  *lead, n, h = q.shape
+  kv = k.shape[-2]
+  xp = np if isinstance(q, np.ndarray) else jnp
+  grouped = q.reshape(*lead, kv, n // kv, h)
+  return xp.concatenate([grouped, k[..., None, :], v[..., None, :]], axis=-2)
+
+
+def split_qkv(qkv):
+  """Inverse of `fuse_qkv`: [..., kv_heads, groups + 2, head_dim] -> (q [..., heads,
+  head_dim], k [..., kv_heads, head_dim], v [..., kv_heads, head_dim])."""
+  *lead, kv, slots, h = qkv.shape
+  groups = slots - 2
+  q = qkv[..., :groups, :].reshape(*lead, kv * groups, h)
+  return q, qkv[..., groups, :], qkv[..., groups + 1, :]
+
+
 def params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any],
                            dtype=np.float32, source: str = "checkpoint") -> Params:
   """Converts HF-named tensors (HF orientation) into the stacked pytree above."""
@@ -93,23 +138,22 @@ def params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any],
     return np.stack([transform(get(f"model.layers.{i}.{suffix}"))
                      for i in range(c.num_layers)]).astype(dtype)
 
-  def in_heads(n_heads):
-    # [n_heads*head_dim, hidden] -> [hidden, n_heads, head_dim]
-    return lambda w: w.T.reshape(c.hidden_size, n_heads, c.head_dim)
+  def fused(kind: str, transform) -> np.ndarray:
+    return np.stack([fuse_qkv(*(transform(get(f"model.layers.{i}.self_attn.{p}.{kind}"), n)
+                                for p, n in (("q_proj", c.num_heads), ("k_proj", c.num_kv_heads),
+                                             ("v_proj", c.num_kv_heads))))
+                     for i in range(c.num_layers)]).astype(dtype)
 
   attn = {
-      "q_proj": {"kernel": stack("self_attn.q_proj.weight", in_heads(c.num_heads))},
-      "k_proj": {"kernel": stack("self_attn.k_proj.weight", in_heads(c.num_kv_heads))},
-      "v_proj": {"kernel": stack("self_attn.v_proj.weight", in_heads(c.num_kv_heads))},
+      # [n_heads*head_dim, hidden] -> [hidden, n_heads, head_dim], fused per layer
+      "qkv_proj": {"kernel": fused("weight", lambda w, n: w.T.reshape(c.hidden_size, n,
+                                                                       c.head_dim))},
       "o_proj": {"kernel": stack(
           "self_attn.o_proj.weight",
           lambda w: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size))},
   }
   if c.attention_bias:
-    for name, n_heads in (("q_proj", c.num_heads), ("k_proj", c.num_kv_heads),
-                          ("v_proj", c.num_kv_heads)):
-      attn[name]["bias"] = stack(f"self_attn.{name}.bias",
-                                 lambda b, n=n_heads: b.reshape(n, c.head_dim))
+    attn["qkv_proj"]["bias"] = fused("bias", lambda b, n: b.reshape(n, c.head_dim))
   params: Params = {
       "embed_tokens": {"embedding": get("model.embed_tokens.weight").astype(dtype)},
       "layers": {
@@ -118,8 +162,10 @@ def params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any],
           "post_attention_layernorm": {
               "scale": stack("post_attention_layernorm.weight", lambda w: w)},
           "mlp": {
-              "gate_proj": {"kernel": stack("mlp.gate_proj.weight", lambda w: w.T)},
-              "up_proj": {"kernel": stack("mlp.up_proj.weight", lambda w: w.T)},
+              "gate_up_proj": {"kernel": np.stack([
+                  np.stack([get(f"model.layers.{i}.mlp.{p}_proj.weight").T
+                            for p in ("gate", "up")], axis=1)
+                  for i in range(c.num_layers)]).astype(dtype)},
               "down_proj": {"kernel": stack("mlp.down_proj.weight", lambda w: w.T)},
           },
       },

@@ -23,7 +23,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from palign_jax import parallel
 from palign_jax.errors import input_error
 from palign_jax.pas import heads as heads_lib
 from palign_jax.pas import labels as labels_lib
@@ -98,9 +100,10 @@ class FitSettings(NamedTuple):
 
 # Only what changes shapes or code is static; numbers stay traced so that changing them
 # does not recompile.
-@functools.partial(jax.jit, static_argnames=("split_by", "head_chunk"))
+@functools.partial(jax.jit, static_argnames=("split_by", "head_chunk", "mesh"))
 def _fit_pas(activations, known_answers, key, subject_ids, *, top_k, c, val_fraction,
-             split_by, min_items, max_iter, tol, head_chunk) -> PasFit:
+             split_by, min_items, max_iter, tol, head_chunk, mesh) -> PasFit:
+  known_answers, subject_ids = parallel.constrain_rows(mesh, (known_answers, subject_ids))
   x = labels_lib.flatten_activations(activations).astype(jnp.float32)
   lab = labels_lib.pair_labels(known_answers.astype(jnp.int32))
   split_key, tie_key = jax.random.split(key)
@@ -120,16 +123,17 @@ def _fit_pas(activations, known_answers, key, subject_ids, *, top_k, c, val_frac
                                     labels_lib.subject_keys(tie_key, subject_ids))
   labelled = lab.labelled & valid[:, None]
   directions = mass_mean_directions(x, lab.labels, labelled)
-  return PasFit(
+  return parallel.constrain_rows(mesh, PasFit(
       head_mask=keep & valid[:, None, None], directions=directions,
       sigma=projection_std(x, directions, labelled),
       train_accuracy=probes.train_accuracy, val_accuracy=probes.val_accuracy,
       probe_coef=probes.coef, probe_intercept=probes.intercept,
-      probe_converged=probes.converged, num_labelled=num_labelled, valid=valid)
+      probe_converged=probes.converged, num_labelled=num_labelled, valid=valid))
 
 
 def fit_pas(activations: jax.Array, known_answers, settings: FitSettings, *, key: jax.Array,
-            subject_ids: jax.Array | None = None, head_chunk: int = 1) -> PasFit:
+            subject_ids: jax.Array | None = None, head_chunk: int = 1,
+            mesh: Mesh | None = None) -> PasFit:
   """Fits PAS for every subject at once.
 
   Args:
@@ -142,6 +146,8 @@ def fit_pas(activations: jax.Array, known_answers, settings: FitSettings, *, key
     subject_ids: `int[S]` ids that seed each subject's split and tie-breaking (default
       `arange(S)`); pass stable ids so a subject's fit does not depend on its batch.
     head_chunk: heads fitted together per step (see `probes.fit_probes`); no effect on results.
+    mesh: None, or a `parallel` mesh: the compiled fit keeps the subjects (inputs and every
+      output) split over its `data` axis.
 
   Raises:
     UserInputError: bad shapes, non-finite activations, answers outside 0..5, bad settings.
@@ -171,7 +177,7 @@ def fit_pas(activations: jax.Array, known_answers, settings: FitSettings, *, key
   return _fit_pas(activations, known_answers, key, subject_ids, top_k=k, c=float(settings.c),
                   val_fraction=float(settings.val_fraction), split_by=settings.split_by,
                   min_items=int(settings.min_items), max_iter=int(settings.max_iter),
-                  tol=float(settings.tol), head_chunk=int(head_chunk))
+                  tol=float(settings.tol), head_chunk=int(head_chunk), mesh=mesh)
 
 
 def steering_vectors(fit: PasFit, alphas) -> jax.Array:

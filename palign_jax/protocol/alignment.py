@@ -252,7 +252,7 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
 
   def fit(answers, salt):  # the subjects split over the mesh's data axis
     return pas_fit.fit_pas(shared_activations, parallel.put_batch(mesh, answers), settings.fit,
-                           key=jax.random.fold_in(base_key, salt), subject_ids=seeds)
+                           key=jax.random.fold_in(base_key, salt), subject_ids=seeds, mesh=mesh)
 
   full_fit = stages.run("probes", "PAS fit on the known items", fit, known, 0)
 
