@@ -125,5 +125,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed.auto = False
   config.distributed.timeout_s = 300  # how long a process waits for the others to start
 
+  # The launchers' persistent XLA compilation cache (jax_compilation_cache_dir): a rerun with
+  # the same shapes loads its compiled programs instead of compiling them again
+  # (benchmarks/RESULTS_compile_cache.md). dir "": $JAX_COMPILATION_CACHE_DIR if set, else
+  # $PALIGN_JAX_CACHE/xla (~/.cache/palign_jax/xla). Programs compiling faster than
+  # min_compile_time_s are not kept (JAX's own default, 1 s, would skip most CPU programs).
+  config.compile_cache = ml_collections.ConfigDict()
+  config.compile_cache.enabled = True
+  config.compile_cache.dir = ""
+  config.compile_cache.min_compile_time_s = 0.1
+
   config.plots = True
   return config

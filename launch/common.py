@@ -4,9 +4,10 @@ Each launcher calls `require_runtime()` before its other imports: it imports eve
 requirement (`requirements.txt`), so a missing package is reported by name with the setup
 command instead of surfacing later as a traceback from deep inside a library (transformers
 imports jinja2 only when the first chat template is rendered). `run(main)` runs `main` under
-absl, printing `UserInputError`s (and any late `ImportError`) as one line with exit status 2.
-This module imports only the standard library at import time, so the check itself cannot fail
-on a missing package.
+absl, printing `UserInputError`s (and any late `ImportError`) as one line with exit status 2,
+after turning on JAX's persistent compilation cache for launchers that take `--config`
+(`enable_compilation_cache`, `config.compile_cache`). This module imports only the standard
+library at import time, so the check itself cannot fail on a missing package.
 """
 
 from __future__ import annotations
@@ -65,8 +66,47 @@ def require_runtime() -> None:
     sys.exit(2)
 
 
+def compilation_cache_dir(settings, jax_default: str | None = None) -> str | None:
+  """Where compiled programs are kept between runs, or None when `settings.enabled` is off.
+
+  settings: the config's `compile_cache` block (None: the defaults). An empty `dir` means JAX's
+  own setting if one was made (`JAX_COMPILATION_CACHE_DIR`, passed as `jax_default`), else
+  `$PALIGN_JAX_CACHE/xla` (`~/.cache/palign_jax/xla`), beside the model and activation caches.
+  """
+  if settings is not None and not settings.enabled:
+    return None
+  chosen = str(settings.dir) if settings is not None and settings.dir else jax_default
+  if chosen:
+    return os.path.expanduser(chosen)
+  root = os.environ.get("PALIGN_JAX_CACHE") or os.path.join("~", ".cache", "palign_jax")
+  return os.path.join(os.path.expanduser(root), "xla")
+
+
+def enable_compilation_cache(settings) -> str | None:
+  """Turns on JAX's persistent compilation cache as `settings` (`config.compile_cache`) say;
+  returns its folder (None: off, JAX's own settings untouched). Must run before the first
+  compile: JAX reads the folder once."""
+  jax = sys.modules.get("jax")
+  current = (jax.config.jax_compilation_cache_dir if jax is not None
+             else os.environ.get("JAX_COMPILATION_CACHE_DIR"))
+  path = compilation_cache_dir(settings, current)
+  if path is None:
+    return None
+  # JAX skips programs that compile in under a second, which is most of a CPU's scoring
+  # programs (0.5-2 s each for SmolLM2), so the threshold is the config's.
+  minimum = 0.0 if settings is None else float(settings.min_compile_time_s)
+  if jax is None:  # JAX reads these when imported, so a run that never imports it pays nothing
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(minimum)
+  else:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
+  return path
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-  """`absl.app.run(main)`, printing `UserInputError`s and `ImportError`s as one line (exit 2)."""
+  """`absl.app.run(main)`, printing `UserInputError`s and `ImportError`s as one line (exit 2).
+  A launcher with `--config` gets the persistent compilation cache its config asks for."""
 
   from absl import app, flags, logging
 
@@ -78,6 +118,8 @@ def run(main: Callable[[list[str]], None]) -> None:
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     try:
+      if "config" in _SHARED_FLAGS:
+        enable_compilation_cache(_SHARED_FLAGS["config"].value.get("compile_cache"))
       main(argv)
     except UserInputError as e:
       print(f"error: {e}", file=sys.stderr)

@@ -1,18 +1,22 @@
 """Plans a PAS / evaluation run before anything is queued: FLOPs, memory per device, time.
 
     python -m launch.plan --model=llama3_8b --subjects=300 --device=H200
+    python -m launch.plan --model=llama3_8b --subjects=300 --device=H200 \\
+        --measured=out/device_check.json        # the device check's efficiency and compiles
     python -m launch.plan --model=llama3_70b --subjects=1000 --device=H100 --devices=8 \\
         --config.mesh.model=8 --config.dtype=bfloat16
     python -m launch.plan --model=/path/to/hf_folder --subjects=300     # on this machine
 
 Needs only the model's config (a preset, or a .gguf / Hugging Face folder read without its
-weights), the run config (the same --config as launch.evaluate: methods, alphas, folds, batch
-sizes, mesh, dtype) and the target devices (this machine's by default; a CPU's matmul peak is
-measured in a second). Prompt lengths are measured with the embedded SmolLM2 tokenizer, on the
-first PAPI subjects' answers. A model that does not fit the devices' memory is reported here,
-before anything is loaded. The time is FLOPs / (devices x peak x efficiency) + compilation,
-with the efficiency measured on the CPU (planner.EFFICIENCY); see the README for how the
-estimate compared with measured runs.
+weights), the run config (the same --config as launch.evaluate: methods, alpha grid, folds,
+batch sizes, mesh, dtype) and the target devices (this machine's by default; a CPU's matmul
+peak is measured in a second). Prompt lengths are measured with the embedded SmolLM2
+tokenizer, on the first PAPI subjects' answers and descriptions. Every model method of the
+config is priced: zero-shot, P² (personality_prompt), the alpha grid's measurement, the honest
+folds and the test sweep, and the shared activations. A model that does not fit the devices'
+memory is reported here, before anything is loaded. The time is executed FLOPs / (devices x
+peak x efficiency) + compiled programs x compile seconds, each labelled measured (the CPU's,
+or a device check's JSON given with --measured) or assumed (`planner.ACCELERATOR_THROUGHPUT`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ _PROCESSES = flags.DEFINE_integer("processes", 1, "Processes (hosts) sharing the
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s per device in the run's "
                            "dtype (overrides the device table or the measured CPU peak).")
 _MEMORY = flags.DEFINE_float("memory_gb", None, "Memory per device in GiB (overrides the table).")
+_MEASURED = flags.DEFINE_string(
+    "measured", None, "A device check's device_check.json (benchmarks/device_check.py) from "
+    "the planned kind of device: its measured efficiency and compile seconds replace the "
+    "assumed ones. Without it an accelerator is planned at planner.ACCELERATOR_THROUGHPUT, "
+    "labelled assumed.")
+flags.adopt_module_key_flags(common)  # --help lists --config and --model too
 
 
 def model_config(spec: str):
@@ -82,6 +92,24 @@ def target(config) -> tuple[str, int, float, float]:
   return kind, devices, peak, memory
 
 
+def throughput(kind: str) -> planner.Throughput:
+  """The measured throughput in --measured's JSON (for this kind only), else the table's."""
+  if not _MEASURED.value:
+    return planner.throughput_for(kind)
+  import json
+  import pathlib
+
+  path = pathlib.Path(_MEASURED.value)
+  try:
+    measured_kind, measured = planner.measured_throughput(json.loads(path.read_text()))
+  except (OSError, ValueError, KeyError) as err:
+    raise UserInputError(f"--measured: cannot read a device check from {path} ({err})") from err
+  if not (kind.lower() in measured_kind.lower() or measured_kind.lower() in kind.lower()):
+    raise UserInputError(f"--measured: {path} measured {measured_kind!r}, not the planned "
+                         f"{kind!r}; plan with --device={measured_kind!r} or leave it out")
+  return measured
+
+
 def prompt_lengths(config, subjects: int) -> planner.PromptLengths:
   from palign_jax import engine as engine_lib
   from palign_jax.models import gguf, loading, tokenizer
@@ -93,8 +121,55 @@ def prompt_lengths(config, subjects: int) -> planner.PromptLengths:
   engine = engine_lib.Engine(stand_in, question_batch=int(config.scoring.question_batch),
                              prefix_batch=1)
   papi = data.load_papi_subjects()
-  known = data.known_answers(papi)[:min(subjects, 32)]  # the lengths vary little
-  return planner.PromptLengths.measure(engine, known, int(config.pas.folds), int(config.seed))
+  first = min(subjects, 32)  # the lengths vary little
+  descriptions = data.load_descriptions()
+  return planner.PromptLengths.measure(
+      engine, data.known_answers(papi)[:first], int(config.pas.folds), int(config.seed),
+      descriptions=[descriptions[i] for i in papi.ids[:first] if i in descriptions])
+
+
+def alpha_count(config) -> int:
+  """Alphas in the grid: 0 and alpha_max x each fraction for "model_range", else the list."""
+  if str(config.pas.alpha_grid) == "model_range":
+    return 1 + len(config.pas.range.fractions)
+  return len(config.pas.alphas)
+
+
+def run_parts(config, lengths: planner.PromptLengths, subjects: int) -> dict[str, list]:
+  """The scoring calls of the config's model methods, by part of the run (empty parts left
+  out), as `launch.evaluate` makes them for `subjects` subjects."""
+  methods = str(config.methods).split(",")
+  oracle, honest = "pas_oracle_test" in methods, "pas" in methods or "few_shot" in methods
+  common_args = dict(subjects=subjects, subjects_per_batch=int(config.subjects_per_batch),
+                     alphas=alpha_count(config), folds=int(config.pas.folds), oracle=False,
+                     honest=False)
+  parts = {
+      "zero-shot": planner.protocol_calls(lengths, **common_args,
+                                          zero_shot="zero_shot" in methods),
+      "P² (personality_prompt)": planner.protocol_calls(
+          lengths, **common_args, personality_prompt="personality_prompt" in methods),
+      "PAS: folds and test sweep": planner.protocol_calls(
+          lengths, **dict(common_args, oracle=oracle, honest=honest)),
+  }
+  if (oracle or honest) and str(config.pas.alpha_grid) == "model_range":
+    reference = len(data.parse_subject_spec(str(config.pas.range.subjects),
+                                            data.load_papi_subjects()).ids)
+    parts["PAS: alpha grid (once per model)"] = [planner.alpha_range_call(
+        lengths, reference_subjects=reference, probe_alphas=len(config.pas.range.probe_alphas),
+        items=5 * int(config.pas.range.items_per_trait))]
+  return {name: calls for name, calls in parts.items() if calls}
+
+
+def part_flops(model, lengths: planner.PromptLengths, parts: dict[str, list],
+               prefix_batch: int, question_batch: int) -> dict[str, tuple[float, float]]:
+  """(executed, useful) FLOPs of the shared activations and of each part of the run."""
+  rows = {"shared activations": (planner.capture_cost(model, lengths.activations)[1],
+                                 planner.useful_capture_flops(model, lengths.activations))}
+  for name, calls in parts.items():
+    rows[name] = (sum(planner.score_cost(model, ctx, q, prefix_batch, question_batch)[1]
+                      for ctx, q in calls),
+                  sum(planner.useful_score_flops(model, ctx, q) for ctx, q in calls))
+  return rows
 
 
 def main(argv: list[str]) -> None:
@@ -112,9 +187,6 @@ def main(argv: list[str]) -> None:
                          f"fill {devices} devices")
   dtype_bytes = 2 if config.dtype in ("bfloat16", "float16") else 4
   lengths = prompt_lengths(config, _SUBJECTS.value)
-  methods = str(config.methods).split(",")
-  oracle, honest = "pas_oracle_test" in methods, "pas" in methods or "few_shot" in methods
-  alphas, folds = len(config.pas.alphas), int(config.pas.folds)
   question_batch = int(config.scoring.question_batch)
   context = scoring.bucket_length(int(lengths.few_shot.max()))
   question = scoring.bucket_length(int(lengths.heldout.max()))
@@ -126,33 +198,50 @@ def main(argv: list[str]) -> None:
     prefix_batch = 1 if "cpu" in kind.lower() else data_axis * scoring.auto_prefix_batch(
         model, context, question_batch, question, max(0.5 * (memory - params), 2**28),
         dtype_bytes)
-  calls = planner.protocol_calls(
-      lengths, subjects=per_process, subjects_per_batch=int(config.subjects_per_batch),
-      alphas=alphas, folds=folds, oracle=oracle, honest=honest)
-  plan = planner.estimate(model, calls, activation_lengths=lengths.activations,
-                          prefix_batch=prefix_batch, question_batch=question_batch,
-                          devices=devices, peak_flops=peak)
+  parts = run_parts(config, lengths, per_process)
+  rate = throughput(kind)
+  plan = planner.estimate(model, [c for calls in parts.values() for c in calls],
+                          activation_lengths=lengths.activations, prefix_batch=prefix_batch,
+                          question_batch=question_batch, devices=devices, peak_flops=peak,
+                          throughput=rate)
+  attention = planner.attention_for(kind, str(config.dtype))
   mem = planner.memory_per_device(
       model, dtype_bytes=dtype_bytes, data=data_axis, model=model_axis,
       fsdp=bool(config.mesh.fsdp), prefix_batch=prefix_batch, context_length=context,
-      question_batch=question_batch, question_length=question)
+      question_batch=question_batch, question_length=question, attention=attention)
   gib = lambda b: f"{b / 2**30:,.2f} GiB"
   print(f"# plan: {source} ({model.num_layers} layers, hidden {model.hidden_size}, "
         f"{config.dtype}), {_SUBJECTS.value} subjects over {_PROCESSES.value} process(es) x "
         f"{devices} {kind} (mesh data={data_axis} x model={model_axis}"
         f"{', fsdp' if config.mesh.fsdp else ''}); methods {config.methods}")
-  print(f"protocol: {'honest k-fold (' + str(folds) + ' folds) ' if honest else ''}"
-        f"{'+ oracle (every alpha on the test items) ' if oracle else ''}with {alphas} alphas; "
-        f"prefix batch {prefix_batch}, question batch {question_batch}; contexts "
-        f"{int(lengths.few_shot.min())}-{int(lengths.few_shot.max())} tokens")
-  print("| per process | value |\n|---|---|")
-  print(f"| executed FLOPs | {plan.flops / 1e15:,.3f} PFLOP |")
+  methods = str(config.methods).split(",")
+  print(f"protocol: {alpha_count(config)} alphas ({config.pas.alpha_grid} grid), "
+        f"{config.pas.folds} folds{', oracle sweep' if 'pas_oracle_test' in methods else ''}; "
+        f"prefix batch {prefix_batch}, question batch {question_batch}; few-shot contexts "
+        f"{int(lengths.few_shot.min())}-{int(lengths.few_shot.max())} tokens, P² contexts "
+        f"{int(lengths.description.min())}-{int(lengths.description.max())}; {attention} "
+        "attention")
+  device_time = lambda flops: flops / (devices * peak * rate.efficiency)
+  print("\n| part of the run | executed PFLOP | useful PFLOP | compute min |\n|---|---|---|---|")
+  for name, (executed, useful) in part_flops(model, lengths, parts, prefix_batch,
+                                             question_batch).items():
+    print(f"| {name} | {executed / 1e15:,.3f} | {useful / 1e15:,.3f} | "
+          f"{device_time(executed) / 60:,.1f} |")
+  print("\n| per process | value |\n|---|---|")
+  print(f"| useful FLOPs (what the protocol needs) | {plan.useful_flops / 1e15:,.3f} PFLOP |")
+  print(f"| executed FLOPs (padding, masked keys) | {plan.flops / 1e15:,.3f} PFLOP "
+        f"({plan.useful_flops / plan.flops:.0%} useful) |")
   print(f"| tokens (real) | {plan.tokens / 1e6:,.2f} M |")
   print(f"| compiled scoring programs | {plan.programs} |")
   origin = "given" if _PEAK.value else "measured" if "cpu" in kind.lower() else "published"
-  print(f"| peak per device | {peak / 1e12:,.1f} TFLOP/s ({origin}) |")
-  print(f"| estimated time | {plan.seconds / 60:,.1f} min ({plan.seconds / per_process:,.1f} s "
-        f"per subject at {planner.EFFICIENCY:.0%} of peak) |")
+  print(f"| peak per device | {peak / 1e12:,.4g} TFLOP/s ({origin}) |")
+  print(f"| efficiency (executed FLOP/s / peak) | {rate.efficiency:.0%} ({rate.label}) |")
+  print(f"| compile per program | {rate.compile_s:,.1f} s ({rate.label}) |")
+  print(f"| estimated time | {plan.seconds / 60:,.1f} min: compute "
+        f"{plan.compute_seconds / 60:,.1f} + compile {plan.compile_seconds / 60:,.1f} "
+        f"({plan.seconds / per_process:,.1f} s per subject) |")
+  print(f"| MFU (useful FLOPs) | {plan.mfu(peak):.0%} |")
+  print(f"\n{rate.label}: {rate.source}")
   print("\n| memory per device | bytes |\n|---|---|")
   for key in ("params", "kv_cache", "activations", "total"):
     print(f"| {key.replace('_', ' ')} | {gib(mem[key])} |")

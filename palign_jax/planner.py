@@ -1,14 +1,19 @@
 """The cost model: FLOPs, memory per device and time of a PAS run, from shapes alone.
 
 Owns what a run costs before it runs: the FLOPs the scoring programs execute (`layer_flops`,
-`score_cost`), the PAPI protocol's plan of scoring calls (`protocol_calls`), memory per device
-on a mesh (`memory_per_device`) and a time estimate (`estimate`). It needs a `ModelConfig`
-(presets `PRESETS`, or a GGUF / Hugging Face config read without its weights) and the token
-lengths of the prompts, measured with the embedded SmolLM2 tokenizer (other tokenizers give
-lengths within a few tens of percent; the estimate says it is an estimate).
+`score_cost`) beside the FLOPs the protocol needs (`useful_score_flops`), the run's plan of
+scoring calls (`protocol_calls`: zero-shot, P², the honest folds and the test sweep), memory
+per device on a mesh (`memory_per_device`), how fast each kind of device runs these programs
+and how sure that is (`Throughput`: measured, or assumed until a device check measures it) and
+a time estimate (`estimate`). It needs a `ModelConfig` (presets `PRESETS`, or a GGUF / Hugging
+Face config read without its weights) and the token lengths of the prompts, measured with the
+embedded SmolLM2 tokenizer (other tokenizers give lengths within a few tens of percent; the
+estimate says it is an estimate).
 
-FLOPs are those the programs execute: matmuls (2 m n k) and attention over every key slot,
-padding and the masked half of a causal block included; elementwise work is not counted.
+Executed FLOPs are those the programs run: matmuls (2 m n k) and attention over every key
+slot, padding and the masked half of a causal block included; elementwise work is not counted.
+Useful FLOPs are what the protocol needs at least: every real token once, attending only to
+the keys the causal mask lets it see. Model FLOP utilisation (MFU) is stated on useful FLOPs.
 """
 
 from __future__ import annotations
@@ -47,11 +52,70 @@ DEVICES = {
     "A100": (312.0, 80.0, "bfloat16"), "TPU v4": (275.0, 32.0, "bfloat16"),
     "TPU v5 lite": (197.0, 16.0, "bfloat16"), "TPU v5p": (459.0, 95.0, "bfloat16"),
 }
-# Steady FLOP/s of the scoring programs over the matmul peak measured in the same run
-# (benchmarks/RESULTS_pas.md: 70-74% on the 2-core CPU). Accelerators are planned at the same
-# share of their published peak until a run there measures theirs.
-EFFICIENCY = 0.7
-COMPILE_S = 5.0  # seconds per compiled scoring program (CPU, SmolLM2; larger models take more)
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+  """How fast a kind of device runs the scoring programs, and how that is known."""
+
+  efficiency: float  # steady executed FLOP/s over the device's dense peak
+  compile_s: float  # seconds per compiled scoring program
+  label: str  # "measured" or "assumed"
+  source: str  # where the numbers come from, in a phrase
+
+
+# Compile seconds are planned cold (an empty compilation cache); a rerun of the same shapes
+# loads its programs from the launchers' persistent cache instead.
+CPU_THROUGHPUT = Throughput(
+    efficiency=0.66, compile_s=2.5, label="measured",
+    source="SmolLM2 float32 on the 2-core dev CPU: the sweeps ran at 66-74% of the 2048^3 "
+    "matmul peak (benchmarks/RESULTS_pas.md; 66-67% re-measured 2026-12-03); 2.5 s per "
+    "scoring program traced and compiled cold (benchmarks/RESULTS_compile_cache.md)")
+# No accelerator has run the scoring programs yet (benchmarks/RESULTS_device.md): until a
+# device check does (`measured_throughput`), they are planned at these stated guesses.
+ACCELERATOR_THROUGHPUT = Throughput(
+    efficiency=0.40, compile_s=10.0, label="assumed",
+    source="a guess, not a measurement: 40% of the published bf16 peak, which tuned dense "
+    "transformer stacks reach or pass on Hopper GPUs and TPUs (these XLA programs have no "
+    "hand-tuned kernels); 10 s per compiled program, 4x the CPU's measured 2.5 s, for XLA's "
+    "GPU compile with GEMM autotuning (the layers are scanned, so a program compiles one "
+    "layer whatever the depth)")
+
+
+def throughput_for(kind: str) -> Throughput:
+  """The table's throughput for a device kind ("cpu", or an accelerator: assumed)."""
+  return CPU_THROUGHPUT if "cpu" in kind.lower() else ACCELERATOR_THROUGHPUT
+
+
+# The device check's stages that run scoring programs (benchmarks/device_check.py).
+DEVICE_CHECK_STAGES = ("activations", "pas_paper", "pas_honest")
+
+
+def measured_throughput(report: dict) -> tuple[str, Throughput]:
+  """(device kind, throughput) measured by a device check (its `device_check.json`).
+
+  The efficiency pools the completed stages' executed FLOPs over their steady seconds (wall
+  less compile) and the devices' peak; compile seconds are the PAS stages' compile time over
+  the programs they compiled (probe fits' small programs included, so per program it errs
+  high). Raises ValueError when no stage that runs scoring programs completed.
+  """
+  setup = report.get("stages", {}).get("setup", {})
+  done = [report["stages"][name] for name in DEVICE_CHECK_STAGES
+          if report.get("stages", {}).get(name, {}).get("status") == "ok"]
+  if setup.get("status") != "ok" or not done:
+    raise ValueError("the device check has no completed setup and scoring stage "
+                     f"({', '.join(DEVICE_CHECK_STAGES)})")
+  peak = float(setup["peak_flops_per_device"]) * int(setup["devices"])
+  steady = sum(max(stage["wall_s"] - stage["compile_s"], 1e-9) for stage in done)
+  efficiency = sum(float(stage["flops"]) for stage in done) / steady / peak
+  programs = sum(int(stage.get("programs_compiled", 0)) for stage in done)
+  compile_s = sum(stage["compile_s"] for stage in done if "programs_compiled" in stage)
+  stages = ", ".join(stage["stage"] for stage in done)
+  source = (f"device check of {report.get('started', '?')} (preset {report.get('preset')}, "
+            f"{report.get('dtype')}; stages {stages})")
+  return setup["device_kind"], Throughput(
+      efficiency=efficiency, compile_s=compile_s / programs if programs else
+      ACCELERATOR_THROUGHPUT.compile_s, label="measured", source=source)
 
 
 def matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 10) -> float:
@@ -86,6 +150,31 @@ def encode_flops(c: ModelConfig, bucket: int) -> float:
     return layer_flops(c, bucket, bucket)
   half = bucket // 2
   return layer_flops(c, half, half) + layer_flops(c, half, bucket)
+
+
+def useful_score_flops(c: ModelConfig, context_lengths: Sequence[int],
+                       question_lengths: Sequence[int]) -> float:
+  """FLOPs a `scoring.score_contexts` call needs at least: every context encoded once over its
+  own tokens under the causal mask, every question over its context and its own earlier
+  tokens, and the vocabulary head at each question's last token; no padding, no masked keys.
+  Compare `score_cost` (what the compiled programs execute)."""
+  contexts = np.asarray(context_lengths, np.float64)
+  questions = np.asarray(question_lengths, np.float64)
+  linear = layer_flops(c, 1, 0)  # per token, no attention
+  attend = layer_flops(c, 1, 1) - linear  # per (query, key) pair
+  encode = contexts.sum() * linear + attend * (contexts * (contexts + 1) / 2).sum()
+  keys = (questions[None, :] * (contexts[:, None] + (questions[None, :] + 1) / 2)).sum()
+  ask = len(contexts) * questions.sum() * linear + attend * keys
+  head = len(contexts) * len(questions) * 2 * c.hidden_size * c.vocab_size
+  return float(encode + ask + head)
+
+
+def useful_capture_flops(c: ModelConfig, lengths: Sequence[int]) -> float:
+  """`useful_score_flops` for `scoring.capture_head_outputs`: each prompt once, causal."""
+  lengths = np.asarray(lengths, np.float64)
+  linear = layer_flops(c, 1, 0)
+  attend = layer_flops(c, 1, 1) - linear
+  return float(lengths.sum() * linear + attend * (lengths * (lengths + 1) / 2).sum())
 
 
 def score_cost(c: ModelConfig, context_lengths: Sequence[int], question_lengths: Sequence[int],
@@ -123,48 +212,82 @@ class PromptLengths:
   known: np.ndarray  # int[120]: question turns of the known items
   content_free: np.ndarray  # int[3]
   activations: np.ndarray  # int[240]: the shared activation prompts
+  description: np.ndarray  # int[subjects]: P² contexts (the subjects' PAPI descriptions)
+  zero_shot: int  # the default system prompt's context
 
   @classmethod
-  def measure(cls, engine, known_answers: np.ndarray, folds: int, seed: int) -> PromptLengths:
-    """Lengths with `engine`'s tokenizer for subjects with these `[subjects, 120]` answers."""
+  def measure(cls, engine, known_answers: np.ndarray, folds: int, seed: int,
+              descriptions: Sequence[str] = ()) -> PromptLengths:
+    """Lengths with `engine`'s tokenizer for subjects with these `[subjects, 120]` answers and
+    (for P²) these descriptions; without any, P² cannot be planned."""
     from palign_jax import data, prompts
     from palign_jax.protocol import alignment
 
     split, items = data.load_split(), data.load_items()
-    length = lambda answers: len(engine.context_tokens(prompts.few_shot_system_prompt(answers)))
+    length = lambda system: len(engine.context_tokens(system))
+    few_shot = lambda answers: length(prompts.few_shot_system_prompt(answers))
     fold_of = alignment.fold_of_known_items(folds, seed)
     tokenizer = engine.model.tokenizer
     return cls(
-        few_shot=np.array([length(a) for a in known_answers]),
-        fold=np.array([[length(np.where(fold_of == f, 0, a)) for a in known_answers]
+        few_shot=np.array([few_shot(a) for a in known_answers]),
+        fold=np.array([[few_shot(np.where(fold_of == f, 0, a)) for a in known_answers]
                        for f in range(folds)]),
         heldout=np.array([len(q) for q in engine.question_tokens(split.heldout)]),
         known=np.array([len(q) for q in engine.question_tokens(split.known)]),
         content_free=np.array([len(q) for q in engine._content_free]),
         activations=np.array([len(prompts.encode_activation_prompt(tokenizer, items.text[j], x))
-                              for j in split.known for x in ("A", "E")]))
+                              for j in split.known for x in ("A", "E")]),
+        description=np.array([length(prompts.description_system_prompt(d))
+                              for d in descriptions], np.int64),
+        zero_shot=length(prompts.DEFAULT_SYSTEM_PROMPT))
+
+
+Call = tuple[list[int], list[int]]  # (context length of each (context, alpha) row, questions)
 
 
 def protocol_calls(lengths: PromptLengths, *, subjects: int, subjects_per_batch: int,
                    alphas: int, folds: int, oracle: bool, honest: bool,
-                   test_alphas_per_subject: int = 2) -> list[tuple[list[int], list[int]]]:
-  """The scoring calls of a run: (context length of each (subject, alpha) pair, question
-  lengths). The honest test sweep is planned with `test_alphas_per_subject` alphas (alpha 0 and
-  the chosen one; more when the readouts choose differently)."""
+                   test_alphas_per_subject: int = 2, zero_shot: bool = False,
+                   personality_prompt: bool = False) -> list[Call]:
+  """The scoring calls of a run, as `launch.evaluate` makes them (`methods.llm_records`).
+
+  zero_shot: one context for everybody, asked the held-out and the known items once per run.
+  personality_prompt: P², each batch's subjects' descriptions asked the held-out items.
+  honest: per batch, each fold's contexts at every alpha asked that fold's known items; then
+  the test sweep, planned with `test_alphas_per_subject` alphas (alpha 0 and the chosen one;
+  more when the readouts choose differently), or every alpha with `oracle`.
+  Every call also asks the content-free questions (the letter prior).
+  """
   from palign_jax.protocol import alignment
 
+  if personality_prompt and not len(lengths.description):
+    raise ValueError("protocol_calls: P² needs the descriptions' lengths (PromptLengths)")
   fold_of = alignment.fold_of_known_items(folds, 0)
   cf = list(lengths.content_free)
   calls = []
+  if zero_shot:
+    calls.append(([lengths.zero_shot], list(lengths.heldout) + list(lengths.known) + cf))
   reps = lambda values, k: list(np.repeat(np.resize(values, subjects)[rows], k))
   for start in range(0, subjects, subjects_per_batch):
     rows = slice(start, min(start + subjects_per_batch, subjects))
-    if honest:
-      for f in range(folds):
-        calls.append((reps(lengths.fold[f], alphas), list(lengths.known[fold_of == f]) + cf))
-    per_subject = alphas if oracle else test_alphas_per_subject
-    calls.append((reps(lengths.few_shot, per_subject), list(lengths.heldout) + cf))
+    if personality_prompt:
+      calls.append((reps(lengths.description, 1), list(lengths.heldout) + cf))
+    if honest or oracle:
+      if honest:
+        for f in range(folds):
+          calls.append((reps(lengths.fold[f], alphas), list(lengths.known[fold_of == f]) + cf))
+      per_subject = alphas if oracle else test_alphas_per_subject
+      calls.append((reps(lengths.few_shot, per_subject), list(lengths.heldout) + cf))
   return calls
+
+
+def alpha_range_call(lengths: PromptLengths, *, reference_subjects: int, probe_alphas: int,
+                     items: int) -> Call:
+  """The "model_range" grid's one measurement (`alpha_range.measure`): the reference
+  subjects' few-shot contexts at alpha 0 and each probe alpha, asked `items` known items
+  (planned at the first known items' lengths; the measured subset differs by a few tokens)."""
+  contexts = np.repeat(np.resize(lengths.few_shot, reference_subjects), probe_alphas + 1)
+  return list(contexts), list(lengths.known[:items])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +295,19 @@ class Plan:
   """What a run will cost."""
 
   flops: float  # executed FLOPs of every scoring call and the activations
+  useful_flops: float  # what those calls need at least (`useful_score_flops`)
   tokens: int  # real (unpadded) tokens
   programs: int  # distinct scoring programs compiled
   devices: int
-  seconds: float  # estimated wall time
+  compute_seconds: float  # executed FLOPs at the throughput's efficiency
+  compile_seconds: float  # programs x the throughput's compile seconds
+  seconds: float  # estimated wall time: compute + compile
+  throughput: Throughput
   memory: dict  # bytes per device: params, kv_cache, activations, total, available
+
+  def mfu(self, peak_flops: float) -> float:
+    """Model FLOP utilisation this time implies: useful FLOPs over (devices x peak x time)."""
+    return self.useful_flops / (self.devices * peak_flops * self.seconds)
 
 
 class _MeshShape:
@@ -199,19 +330,35 @@ def param_bytes_per_device(config: ModelConfig, dtype_bytes: int, data: int, mod
   return total
 
 
+ATTENTION = ("einsum", "cudnn")
+
+
+def attention_for(kind: str, dtype: str) -> str:
+  """The attention the model runs on a device kind: cuDNN's fused (flash) kernel on an NVIDIA
+  GPU in 16-bit floats, else the einsum that materialises the float32 scores."""
+  gpu = any(k.lower() in kind.lower() for k in ("H200", "H100", "A100", "GPU", "NVIDIA"))
+  return "cudnn" if gpu and dtype in ("bfloat16", "float16") else "einsum"
+
+
 def memory_per_device(config: ModelConfig, *, dtype_bytes: int, data: int, model: int,
                       fsdp: bool, prefix_batch: int, context_length: int, question_batch: int,
-                      question_length: int) -> dict:
+                      question_length: int, attention: str = "einsum") -> dict:
   """Bytes per device: parameters, the key/value caches of a prefix batch (split over data,
-  and over model where it divides the kv heads), and the largest per-layer temporaries."""
+  and over model where it divides the kv heads), and the largest per-layer temporaries.
+
+  attention: "einsum" materialises a layer's float32 scores `[batch, heads, T, S]`; "cudnn"
+  (flash attention) keeps them in on-chip tiles, so they are not counted.
+  """
+  if attention not in ATTENTION:
+    raise ValueError(f"memory_per_device: attention {attention!r} is not one of {ATTENTION}")
   c = config
   pairs = max(1, prefix_batch // data)
   kv_split = model if c.num_kv_heads % model == 0 else 1
   head_split = model if c.num_heads % model == 0 else 1
   cache = pairs * 2 * c.num_layers * context_length * c.num_kv_heads * c.head_dim * dtype_bytes
   rows = question_batch * question_length
-  scores = 4 * c.num_heads / head_split * max(context_length * context_length,
-                                              rows * (context_length + question_length))
+  scores = 0.0 if attention == "cudnn" else 4 * c.num_heads / head_split * max(
+      context_length * context_length, rows * (context_length + question_length))
   mlp_split = model if c.intermediate_size % model == 0 else 1
   mlp = rows * (2 * c.intermediate_size / mlp_split + 4 * c.hidden_size) * max(dtype_bytes, 4)
   params = param_bytes_per_device(c, dtype_bytes, data, model, fsdp)
@@ -222,14 +369,19 @@ def memory_per_device(config: ModelConfig, *, dtype_bytes: int, data: int, model
 
 def estimate(config: ModelConfig, calls, *, activation_lengths: Sequence[int],
              prefix_batch: int, question_batch: int, devices: int, peak_flops: float,
-             efficiency: float = EFFICIENCY, compile_s: float = COMPILE_S) -> Plan:
-  """FLOPs, tokens, compiled programs and wall time of a run's scoring calls."""
+             throughput: Throughput = CPU_THROUGHPUT) -> Plan:
+  """FLOPs (executed and useful), tokens, compiled programs and wall time of a run's scoring
+  calls and its activation capture, at `throughput` (`throughput_for` the device kind)."""
   tokens, flops = capture_cost(config, activation_lengths)
+  useful = useful_capture_flops(config, activation_lengths)
   shapes = set()
   for contexts, questions in calls:
     t, f = score_cost(config, contexts, questions, prefix_batch, question_batch)
     tokens, flops = tokens + t, flops + f
+    useful += useful_score_flops(config, contexts, questions)
     shapes |= scoring.program_shapes(contexts, questions, prefix_batch, question_batch)
-  seconds = flops / (devices * peak_flops * efficiency) + len(shapes) * compile_s
-  return Plan(flops=flops, tokens=tokens, programs=len(shapes), devices=devices,
-              seconds=seconds, memory={})
+  compute = flops / (devices * peak_flops * throughput.efficiency)
+  compile_seconds = len(shapes) * throughput.compile_s
+  return Plan(flops=flops, useful_flops=useful, tokens=tokens, programs=len(shapes),
+              devices=devices, compute_seconds=compute, compile_seconds=compile_seconds,
+              seconds=compute + compile_seconds, throughput=throughput, memory={})

@@ -1,8 +1,10 @@
-"""The front door: runtime requirements are complete, a missing one is named in one line, and
-CI runs exactly the README's two commands."""
+"""The front door: runtime requirements are complete, a missing one is named in one line, CI
+runs exactly the README's two commands, and launchers keep compiled programs in a persistent
+cache by default."""
 
 import ast
 import importlib.metadata
+import os
 import pathlib
 import re
 import subprocess
@@ -83,3 +85,36 @@ def test_ci_runs_the_readme_commands_in_order():
   # The main command installs the runtime requirements only, before the test requirements.
   quickstart = (ROOT / "scripts" / "quickstart.sh").read_text()
   assert "bash scripts/setup.sh\n" in quickstart and "setup.sh --test" not in quickstart
+
+
+def test_compilation_cache_folder_follows_the_config(tmp_path, monkeypatch):
+  from configs import default
+
+  monkeypatch.setenv("PALIGN_JAX_CACHE", str(tmp_path))
+  settings = default.get_config().compile_cache
+  assert common.compilation_cache_dir(settings) == str(tmp_path / "xla")
+  assert common.compilation_cache_dir(settings, "/jax/own") == "/jax/own"
+  settings.dir = str(tmp_path / "elsewhere")
+  assert common.compilation_cache_dir(settings, "/jax/own") == str(tmp_path / "elsewhere")
+  settings.enabled = False
+  assert common.compilation_cache_dir(settings) is None
+
+
+def _plan_on_cpu(cache_root, *overrides):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env.update(PALIGN_JAX_CACHE=str(cache_root), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "launch.plan", "--model=smollm2", "--subjects=1",
+                         "--device=cpu", *overrides], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_launcher_writes_compiled_programs_to_the_default_cache(tmp_path):
+  # launch.plan compiles one program on a CPU (the matmul that measures the peak); every
+  # program is kept at a zero threshold.
+  on = _plan_on_cpu(tmp_path / "on", "--config.compile_cache.min_compile_time_s=0")
+  assert on.returncode == 0, on.stderr[-2000:]
+  written = [f.name for f in (tmp_path / "on" / "xla").iterdir()]
+  assert any(name.startswith("jit_") and name.endswith("-cache") for name in written), written
+  off = _plan_on_cpu(tmp_path / "off", "--config.compile_cache.enabled=False")
+  assert off.returncode == 0, off.stderr[-2000:]
+  assert not (tmp_path / "off" / "xla").exists()
