@@ -152,7 +152,8 @@ def main(argv=None) -> dict:
                                  oracle=True, honest=False)
   plan = planner.estimate(model_config, calls, activation_lengths=lengths.activations,
                           prefix_batch=prefix_batch, question_batch=engine.question_batch,
-                          devices=devices, peak_flops=peak)
+                          devices=devices, peak_flops=peak,
+                          throughput=planner.throughput_for(kind))
   measured = rows[1]["wall_s"] + rows[3]["wall_s"]
   sweep_row = rows[3]
   per_subject = common.steady(sweep_row) / args.subjects

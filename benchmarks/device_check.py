@@ -406,7 +406,7 @@ def stage_setup(state: dict) -> dict:
       config, model_config.num_layers * model_config.num_heads)
   state.update(config=config, model_config=model_config, mesh=mesh, engine=engine, log=log,
                lengths=lengths, peak=peak, devices=len(m.jax.local_devices()),
-               settings=settings, subjects=subjects)
+               settings=settings, subjects=subjects, kind=kind)
   prefix_batch = engine.prefix_batch(int(lengths.few_shot.max()))
   memory = m.planner.memory_per_device(
       model_config, dtype_bytes=m.np.dtype(engine.params_dtype).itemsize,
@@ -442,7 +442,7 @@ def plan(state: dict, subjects: int, protocol: str):
       state["model_config"], calls, activation_lengths=lengths.activations,
       prefix_batch=engine.prefix_batch(int(lengths.few_shot.max())),
       question_batch=engine.question_batch, devices=state["devices"],
-      peak_flops=state["peak"])
+      peak_flops=state["peak"], throughput=m.planner.throughput_for(state["kind"]))
 
 
 def stage_activations(state: dict) -> dict:
