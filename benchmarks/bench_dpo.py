@@ -20,10 +20,12 @@ read from JAX's compile events and shown apart):
    snapshot, as measured, times the config's counts; the rest as measured. Labelled so.
 
 FLOPs are counted from the shapes (`palign_jax.planner`): scoring calls exactly as executed
-(padding included); DPO training as 3x its forward FLOPs (forward + backward ~ 2x forward) of
-the padded prompt and completion tables, every row and step (the LoRA side paths, under one
-percent, are not counted). The error is the composite (sum over the five traits of the mean
-absolute error on the held-out items) of each method's headline row ("chosen": the readout
+(padding included); DPO training as 2x its forward FLOPs (`TRAIN_OVER_FORWARD`: the base is
+frozen, so the backward pass computes activation gradients only, ~1x forward, not the weight
+gradients that make full fine-tuning 3x) of the padded prompt and completion tables, every
+row as executed (padding rows included) and step (the LoRA side paths and their gradients,
+under one percent, are not counted). The error is the composite (sum over the five traits of
+the mean absolute error on the held-out items) of each method's headline row ("chosen": the readout
 picked on the known items), averaged over the subjects; `constant_3` beside it. The 1-minute
 load average is printed: the times mean something only next to it.
 
@@ -48,7 +50,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from common import ScoreLog, compile_seconds, track_compiles  # noqa: E402  (same directory)
 
-from palign_jax import data, planner, prompts  # noqa: E402
+from palign_jax import data, parallel, planner, prompts  # noqa: E402
 from palign_jax import engine as engine_lib  # noqa: E402
 from palign_jax.dpo import train as dpo_train  # noqa: E402
 from palign_jax.evaluation import baselines  # noqa: E402
@@ -56,6 +58,14 @@ from palign_jax.protocol import alignment, records  # noqa: E402
 from palign_jax.protocol import dpo as dpo_lib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Training FLOPs per forward FLOP with a frozen base and LoRA. Backpropagation through a matmul
+# y = x W costs two matmuls: dL/dx = dL/dy W^T (activation gradient) and dL/dW = x^T dL/dy
+# (weight gradient), each as costly as the forward one; hence the usual 3x for full
+# fine-tuning. The base W is frozen, so dL/dW is never formed: 1 forward + 1 activation
+# gradient = 2x. The gradients that are formed, the LoRA factors' (x a and its [rank]-wide
+# products), are rank/width of a projection's cost (8/576 for SmolLM2), and the reference
+# log-probabilities are computed once, not per step.
+TRAIN_OVER_FORWARD = 2.0
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(HERE, "..", "configs", "default.py"),
     "Run configuration (configs/default.py, the one every launcher reads); PAS runs at its "
@@ -124,14 +134,14 @@ def attribute(score_log: ScoreLog, windows: dict) -> dict[str, dict]:
 
 def dpo_train_flops(model_config, pref: dpo_train.PreferenceData, rows: int, steps: int,
                     pairs_per_step: int) -> float:
-  """Training FLOPs: 3 x the forward of every row's minibatch at every step, on the padded
+  """Training FLOPs: 2 x the forward of every row's minibatch at every step, on the padded
   tables (`dpo_train.completion_log_probs`: prompts [P, S] encoded, chosen and rejected
   branches [2P, T] against them, the full-vocabulary head at T - 1 positions of each)."""
   S, T = int(pref.prompts.shape[1]), int(pref.branches.shape[2])
   P, c = pairs_per_step, model_config
   forward = (planner.layer_flops(c, P * S, S) + planner.layer_flops(c, 2 * P * T, S + T)
              + 2 * c.hidden_size * c.vocab_size * 2 * P * (T - 1))
-  return 3.0 * forward * rows * steps
+  return TRAIN_OVER_FORWARD * forward * rows * steps
 
 
 def dpo_reference_flops(model_config, pref: dpo_train.PreferenceData) -> float:
@@ -201,9 +211,10 @@ def run_dpo(engine, config, subjects, score_log) -> dict:
   seconds = dict(results[0].work["stage_seconds"])
   pref = dpo_lib.preference_data(engine)
   rows = results[0].work["rows"]
+  executed_rows = parallel.padded_rows(results[0].work["train_shapes"]["rows"], engine.mesh)
   stages.setdefault("train", {"compile_s": 0.0, "flops": 0.0, "tokens": 0})
-  stages["train"]["flops"] = dpo_train_flops(engine.config, pref, rows, settings.max_steps,
-                                             settings.pairs_per_step)
+  stages["train"]["flops"] = dpo_train_flops(engine.config, pref, executed_rows if rows else 0,
+                                             settings.max_steps, settings.pairs_per_step)
   stages.setdefault("reference", {"compile_s": 0.0, "flops": 0.0, "tokens": 0})
   stages["reference"]["flops"] = dpo_reference_flops(engine.config, pref) if rows else 0.0
   # The base-model sweep scores the known items (step 0, a candidate) and the test items at

@@ -171,3 +171,38 @@ def subjects_of_process(subject_ids: Sequence[str], process: int, processes: int
   """This process's share of the subjects: every `processes`-th one, from `process` on, so
   shares stay balanced and a subject always lands on the same process."""
   return list(subject_ids[process::processes])
+
+
+# --- rows of independent training (DPO adapters) -----------------------------------------------
+
+def padded_rows(rows: int, mesh: Mesh | None) -> int:
+  """`rows` rounded up to a multiple of the mesh's `data` axis (unchanged without a mesh), so
+  every device holds the same number of whole rows; the caller masks the padding."""
+  data = 1 if mesh is None else mesh.shape["data"]
+  return -(-rows // data) * data
+
+
+def rows_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
+  """Dimension `axis` of an `ndim`-array split over `data`, the rest replicated. Unlike
+  `batch_sharding` it never falls back to replication: the rows must divide (`padded_rows`)."""
+  spec = [None] * ndim
+  spec[axis] = "data"
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def put_rows(mesh: Mesh | None, tree, axis: int = 0):
+  """Every leaf of `tree` on the mesh with dimension `axis` split over `data` (unchanged
+  without a mesh)."""
+  if mesh is None:
+    return tree
+  return jax.tree.map(lambda x: jax.device_put(x, rows_sharding(mesh, np.ndim(x), axis)), tree)
+
+
+def constrain_rows(mesh: Mesh | None, tree, axis: int = 0):
+  """Inside `jit`: every leaf of `tree` keeps dimension `axis` split over `data`
+  (`with_sharding_constraint`), so XLA partitions the work on it by rows instead of choosing
+  a layout of its own (identity without a mesh)."""
+  if mesh is None:
+    return tree
+  return jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(x, rows_sharding(mesh, x.ndim, axis)), tree)

@@ -381,6 +381,61 @@ def test_pair_schedule_walks_epochs_and_pads_small_rows():
   np.testing.assert_array_equal(again[:, 0], indices[:, 0])  # a row's own seed only
 
 
+
+def test_a_fixed_pair_width_and_row_count_compile_one_training_program():
+  """Batches whose natural widths (most pairs of a row: 5, 2, 3) and row counts (2, 1, 2)
+  differ run one compiled training program when the run fixes both."""
+  batches = [[ROWS[0], ROWS[1]], [ROWS[1]], [ROWS[2], ROWS[1]]]
+  natural = [dpo_train.RowPairs.build(b).prompt.shape for b in batches]
+  assert len(set(natural)) == 3  # without the fixed width each batch would compile anew
+  settings = SETTINGS._replace(max_steps=2, eval_every=1, pairs_per_step=2)
+  params, (_, _, pref) = model(), toy_preferences()
+  reference = dpo_train.reference_log_probs(params, CONFIG, pref)
+  init = lora.init_adapters(jax.random.PRNGKey(9), CONFIG, rank=2, targets=("q_proj",),
+                            lead=(2,))
+  before, sizes = dpo_train._train_chunk._cache_size(), []
+  for batch in batches:
+    n = len(batch)
+    dpo_train.train(params, CONFIG, pref, reference, dpo_train.RowPairs.build(batch, width=5),
+                    jax.tree.map(lambda x, n=n: x[:n], init), settings,
+                    learning_rates=[1e-2] * n, seeds=range(n), rows=2)
+    sizes.append(dpo_train._train_chunk._cache_size() - before)
+  assert sizes == [1, 1, 1]
+  with pytest.raises(ValueError, match="more than the fixed width 4"):
+    dpo_train.RowPairs.build(batches[0], width=4)
+
+
+def test_a_diverging_rate_stops_its_row_and_the_others_train_as_without_it():
+  """A huge learning rate for one row: that row stops; the others' losses and adapters are
+  those of a run without it (vmapped rows agree to Adam's float32 rounding, see above)."""
+  result = run_rows(ROWS, seeds=[11, 12, 13], lrs=[1e-2, 1e30, 1e-2])
+  assert list(result.stopped_at >= 0) == [False, True, False]
+  assert not result.stopped_by_group.any()
+  without = run_rows([ROWS[0], ROWS[2]], seeds=[11, 13], lrs=[1e-2, 1e-2])
+  np.testing.assert_allclose(result.loss[[0, 2]], without.loss, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(result.snapshots), jax.tree.leaves(without.snapshots),
+                  strict=True):
+    np.testing.assert_allclose(np.asarray(a)[[0, 2]], b, rtol=1e-4, atol=2e-5)
+    assert np.isfinite(np.asarray(a)[[0, 2]]).all()
+
+
+def test_a_training_step_costs_about_two_forwards():
+  """XLA's own FLOP count (`cost_analysis`) of the loss and of its gradient: with respect to
+  the LoRA factors alone (the base frozen) about 2x the forward, as bench_dpo counts training
+  (`TRAIN_OVER_FORWARD`), and about 3x once the base's weight gradients are formed too."""
+  params, (_, _, pref) = model(), toy_preferences()
+  reference = jnp.asarray(dpo_train.reference_log_probs(params, CONFIG, pref))
+  adapters = jax.tree.map(lambda x: x + 0.1, lora.init_adapters(
+      jax.random.PRNGKey(0), CONFIG, rank=2, targets=("q_proj", "v_proj")))
+  items, chosen, rejected = (jnp.asarray(x) for x in np.array(ROWS[0][:4]).T)
+  loss = lambda trainable, base: dpo_train.row_loss(
+      trainable, base, CONFIG, pref, reference, items, chosen, rejected, jnp.ones(4), 0.5, 2.0)
+  flops = lambda f: jax.jit(f).lower(adapters, params).compile().cost_analysis()["flops"]
+  forward = flops(loss)
+  lora_only = flops(jax.value_and_grad(loss)) / forward
+  with_base = flops(jax.value_and_grad(loss, argnums=(0, 1))) / forward
+  assert 1.8 < lora_only < 2.4 and 2.8 < with_base < 3.4, (lora_only, with_base)
+
 # --- the PAPI protocol --------------------------------------------------------------------------
 
 HELDOUT = data.load_split().heldout[::6]
@@ -448,6 +503,10 @@ def test_protocol_result(dpo_results, tiny_engine):
     assert r.adapters["v_proj"]["b"].shape == (3, 2, 16)
     assert r.predictions().shape == (len(HELDOUT),)
   assert set(first.work["stage_seconds"]) >= {"train", "fold_sweep", "reference", "base_sweep"}
+  # Fixed by the rule and the batch, not the answers: 120 items x 1 far_end pair; 3 subjects
+  # (the skipped one included) x (2 folds + all items) x 1 rate.
+  assert first.work["train_shapes"]["pairs_per_row"] == 120
+  assert first.work["train_shapes"]["rows"] == 9
   # The all-3 subject was skipped, with a message, and is the base model.
   assert not neutral.trained and neutral.adapters is None and neutral.num_pairs == 0
   assert "no usable preference pairs" in neutral.note and neutral.chosen_steps == 0
@@ -498,6 +557,66 @@ def test_a_nan_stops_only_that_subject_and_test_answers_are_never_read(dpo_resul
   for d in first.decodings:
     np.testing.assert_allclose(first.fold_error[d], dpo_results[0].fold_error[d], rtol=1e-6)
 
+
+
+def test_the_smaller_rate_wins_a_tie_at_the_same_steps():
+  """`_select`'s order (its docstring): step 0, then fewer steps first and, at equal steps, the
+  smaller learning rate (less change), whatever the config's order of the rates. Two rates
+  whose snapshots score identically at step 1 (both right, step 0 wrong) tie exactly."""
+  assert dpo._candidates([1e-3, 1e-4], 3) == [(0, 0), (1, 1), (0, 1), (1, 2), (0, 2)]
+  assert dpo._candidates([1e-4, 1e-4], 2) == [(0, 0), (0, 1), (1, 1)]  # equal: config order
+  settings = dpo_settings(**{"readout.choice": "argmax"})
+  known = data.load_papi_subjects().answers[0][data.load_split().known].astype(np.int32)
+  known = np.where(known > 0, known, 3)
+  letters = lambda answers: np.log(np.where(
+      np.eye(5)[[dpo._letter(a) for a in answers]] > 0, 0.96, 0.01))  # letter mass 1
+  log_probs = np.stack([letters(6 - known), letters(known)])  # [C=2, 120, 5]
+  log_probs = np.broadcast_to(log_probs, (2, 2, 120, 5))  # both rates alike: [L, C, 120, 5]
+  prior = np.full((2, 2, 2, 5), np.log(0.2))
+  fold = dpo.alignment.fold_of_known_items(2, 0)
+  for rates, smaller in (([1e-3, 1e-4], 1), ([1e-4, 1e-3], 0)):
+    pick, grid, candidates, labels = dpo._select(
+        log_probs, prior, known, fold, settings, np.ones((2, 2), bool), rates, np.array([0, 4]))
+    assert candidates[pick.index] == (smaller, 1), labels[pick.index]
+    assert grid[pick.decoding][0, 1] == grid[pick.decoding][1, 1]  # a true tie
+  # A rate that stopped before step 4 is not a candidate there; the other rate still is.
+  usable = np.array([[True, False], [True, True]])
+  pick, grid, candidates, _ = dpo._select(log_probs, prior, known, fold, settings, usable,
+                                          [1e-3, 1e-4], np.array([0, 4]))
+  assert candidates[pick.index] == (1, 1) and np.isnan(grid[pick.decoding][0, 1])
+
+
+def test_a_diverging_rate_stops_only_that_rate_of_each_subject(dpo_results, tiny_engine):
+  """Rows are grouped by (subject, learning rate): with a second, infinite rate, its rows stop
+  (a huge finite one may not: the RMS norms absorb huge adapters, the loss staying finite) and
+  every subject's 3e-2 rows train, are scored and error as in the one-rate run."""
+  again = dpo.align_subjects(tiny_engine, three_subjects(),
+                             dpo_settings(**{"dpo.learning_rates": (3e-2, float("inf"))}),
+                             heldout=HELDOUT)
+  for result, alone in zip(again[:2], dpo_results[:2], strict=True):
+    assert "at learning rate inf stopped" in (result.note or ""), result.note
+    assert result.chosen_learning_rate == pytest.approx(3e-2) or result.chosen_steps == 0
+    assert np.isfinite(result.loss[0]).all() and np.isnan(result.loss[1, 1:]).all()
+    np.testing.assert_allclose(result.loss[0], alone.loss[0], rtol=1e-5, atol=1e-6)
+    for d in result.decodings:
+      np.testing.assert_allclose(result.fold_error[d][0], alone.fold_error[d][0], rtol=1e-6)
+      assert np.isnan(result.fold_error[d][1, 1:]).all()
+
+
+def test_another_batch_reuses_the_training_program(dpo_results, tiny_engine):
+  """Other subjects (most pairs 100, not 85; the skipped subject second, not third) in a batch
+  of the same size: no new training or reference program."""
+  papi = data.load_papi_subjects()
+  most = lambda answers: max(len(dpo.preference_pairs(a[data.load_split().known]))
+                             for a in answers)
+  assert most(papi.answers[2:4]) != most(three_subjects().answers)
+  subjects = data.Subjects((papi.ids[2], "neutral", papi.ids[3]), np.stack(
+      [papi.answers[2], np.full(300, 3, papi.answers.dtype), papi.answers[3]]))
+  sizes = lambda: (dpo_train._train_chunk._cache_size(), dpo_train._reference_chunk._cache_size())
+  before = sizes()
+  results = dpo.align_subjects(tiny_engine, subjects, dpo_settings(), heldout=HELDOUT)
+  assert [r.trained for r in results] == [True, False, True]
+  assert sizes() == before
 
 def test_settings_are_checked():
   with pytest.raises(UserInputError, match="config.dpo.targets"):

@@ -22,6 +22,13 @@ is the base model, so the first loss is log 2.
 
 Minibatches come from a host-side schedule (epochs of a per-row seeded permutation), so a
 row's training depends on its own seed only, not on which rows share its batch.
+
+On a mesh (`train(..., mesh=)`) the rows are split over its `data` axis: each device holds,
+updates and snapshots only its rows' adapters and optimizer state (`parallel.constrain_rows`
+inside the compiled program), the frozen base is used as the caller sharded it, and rows are
+padded (masked, never updated) to a multiple of the axis. Every shape of the compiled program
+is fixed per run (token tables from all prompts, `RowPairs` width, row count), so successive
+batches reuse one compiled program.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from palign_jax import parallel
 from palign_jax.dpo import lora
 from palign_jax.models.config import ModelConfig
 from palign_jax.models.llama import forward
@@ -91,8 +99,13 @@ class RowPairs(NamedTuple):
   def build(cls, rows: Sequence[Sequence[tuple[int, int, int]]],
             width: int | None = None) -> RowPairs:
     """rows: per row, `(prompt, chosen, rejected)` triples (a row may have none); width: the
-    padded M (default the most pairs of any row; a fixed one keeps one compiled shape)."""
-    width = max(1, max(map(len, rows), default=0), width or 0)
+    padded M, fixed per run so that every batch has one compiled shape (default: the most
+    pairs of any row, which changes from batch to batch). Raises ValueError when a row has
+    more pairs than `width`: growing it silently would recompile."""
+    most = max(map(len, rows), default=0)
+    if width is not None and most > width:
+      raise ValueError(f"RowPairs: a row has {most} pairs, more than the fixed width {width}")
+    width = max(1, most) if width is None else max(1, width)
     table = np.zeros((3, len(rows), width), np.int32)
     for r, triples in enumerate(rows):
       if len(triples):
@@ -210,16 +223,22 @@ def _per_row(mask: jax.Array, x: jax.Array) -> jax.Array:
   return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
 def _train_chunk(params, config, data, reference, pairs, state: TrainState, indices, weights,
-                 steps, learning_rates, groups, beta, scale):
+                 steps, learning_rates, groups, beta, scale, mesh=None):
   """`len(steps)` optimizer steps for every row at once (a scan over steps, vmap over rows).
 
   indices int32[n, R, P] into each row's pairs, weights f32[n, R, P], steps int32[n] (global
   step numbers), learning_rates f32[R], groups int32[R] (rows of a group stop together).
+  mesh: None, or the mesh whose `data` axis splits the R rows (R a multiple of it): every
+  per-row array, the scan's carry included, is constrained to that split, so a device holds
+  and updates only its rows; only the [R] stop flags cross devices (a group may span them).
   -> (state, losses f32[n, R]).
   """
   R = learning_rates.shape[0]
+  rows = functools.partial(parallel.constrain_rows, mesh)
+  pairs, learning_rates, groups = rows((pairs, learning_rates, groups))
+  indices, weights = parallel.constrain_rows(mesh, (indices, weights), axis=1)
 
   def one_row(adapters, opt_state, prompt, chosen, rejected, index, weight):
     loss, grads = jax.value_and_grad(row_loss)(
@@ -231,6 +250,7 @@ def _train_chunk(params, config, data, reference, pairs, state: TrainState, indi
 
   def step(state, xs):
     index, weight, t = xs
+    state = rows(state)
     loss, updates, opt_state, finite = jax.vmap(one_row)(
         state.adapters, state.opt_state, pairs.prompt, pairs.chosen, pairs.rejected, index,
         weight)
@@ -248,9 +268,10 @@ def _train_chunk(params, config, data, reference, pairs, state: TrainState, indi
         opt_state=jax.tree.map(keep, opt_state, state.opt_state),
         alive=ok, stopped_at=jnp.where(stopping, t, state.stopped_at),
         by_group=state.by_group | (stopping & own_ok))
-    return state, jnp.where(state.alive | stopping, loss, jnp.nan)
+    return rows(state), rows(jnp.where(state.alive | stopping, loss, jnp.nan))
 
-  return jax.lax.scan(step, state, (indices, weights, steps))
+  state, losses = jax.lax.scan(step, rows(state), (indices, weights, steps))
+  return state, parallel.constrain_rows(mesh, losses, axis=1)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -281,18 +302,32 @@ def pair_schedule(counts: np.ndarray, steps: int, per_step: int, seeds: Sequence
   return indices, weights
 
 
+def _pad_rows(tree, rows: int):
+  """Every leaf's first axis zero-padded to `rows` (numpy leaves stay numpy)."""
+  def pad(x):
+    xp = np if isinstance(x, np.ndarray) else jnp
+    if x.shape[0] == rows:
+      return x
+    return xp.concatenate([x, xp.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
+  return jax.tree.map(pad, tree)
+
+
 def train(params: Params, config: ModelConfig, data: PreferenceData, reference: np.ndarray,
           pairs: RowPairs, init: lora.Adapters, settings: TrainSettings, *,
           learning_rates: Sequence[float], seeds: Sequence[int],
-          groups: Sequence[int] | None = None,
-          row_names: Sequence[str] | None = None) -> TrainResult:
+          groups: Sequence[int] | None = None, row_names: Sequence[str] | None = None,
+          mesh: jax.sharding.Mesh | None = None, rows: int | None = None) -> TrainResult:
   """Trains R adapters at once, one per row of `pairs`, from `init` (trainable form, leaves
   `[R, ...]`, e.g. `lora.init_adapters(..., lead=(R,))`).
 
   reference: `f32[I, O]` from `reference_log_probs`. learning_rates, seeds: per row.
   groups: `int[R]` in 0..R-1; a row whose loss or update is not finite stops with every row of
-  its group (default: each row alone); the others go on. row_names: for the messages.
-  Every `eval_every` steps runs as one compiled program (a scan over steps, a vmap over rows).
+  its group (default: each row alone); the others go on, exactly as without it. row_names: for
+  the messages. mesh: None (one device), or the mesh `params` live on: the rows are split over
+  its `data` axis. rows: train as if there were this many rows (>= R; masked padding), so that
+  batches with fewer real rows reuse the compiled program; the count is also rounded up to a
+  multiple of the `data` axis. Every `eval_every` steps runs as one compiled program (a scan
+  over steps, a vmap over rows). The result covers the R real rows only.
   """
   R = len(pairs.count)
   if settings.eval_every < 1 or settings.max_steps % settings.eval_every:
@@ -303,28 +338,45 @@ def train(params: Params, config: ModelConfig, data: PreferenceData, reference: 
   groups = np.arange(R) if groups is None else np.asarray(groups)
   if groups.shape != (R,) or (groups < 0).any() or (groups >= R).any():
     raise ValueError(f"groups: expected {R} group ids in 0..{R - 1}, got {groups.tolist()}")
+  if rows is not None and rows < R:
+    raise ValueError(f"rows: {rows} is fewer than the {R} rows of pairs")
   row_names = [f"row {r}" for r in range(R)] if row_names is None else list(row_names)
+  # Padding rows: no pairs (zero weights), rate 0, a group each, dead from the start.
+  padded = parallel.padded_rows(max(R, rows or 0), mesh)
+  extra = padded - R
+  pairs = RowPairs(*_pad_rows(tuple(pairs), padded))
+  groups = np.concatenate([groups, np.arange(R, padded)])
+  rates = np.concatenate([np.asarray(learning_rates, np.float32), np.zeros(extra, np.float32)])
   indices, weights = pair_schedule(pairs.count, settings.max_steps, settings.pairs_per_step,
-                                   seeds)
-  adapters = jax.tree.map(jnp.asarray, init)
-  state = TrainState(adapters, jax.vmap(_OPTIMIZER.init)(adapters), jnp.ones(R, bool),
-                     jnp.full(R, -1, jnp.int32), jnp.zeros(R, bool))
-  device_pairs = RowPairs(*(jnp.asarray(x) for x in pairs))
-  lrs = jnp.asarray(learning_rates, jnp.float32)
-  groups_dev, reference = jnp.asarray(groups, jnp.int32), jnp.asarray(reference, jnp.float32)
+                                   list(seeds) + [0] * extra)
+  adapters = _pad_rows(init, padded)
+  put_rows = functools.partial(parallel.put_rows, mesh)
+  state = put_rows(TrainState(adapters, jax.vmap(_OPTIMIZER.init)(adapters),
+                              jnp.arange(padded) < R, jnp.full(padded, -1, jnp.int32),
+                              jnp.zeros(padded, bool)))
+  device_pairs, lrs, groups_dev = put_rows((pairs, jnp.asarray(rates),
+                                            jnp.asarray(groups, jnp.int32)))
+  data, reference = jax.tree.map(
+      functools.partial(parallel.replicate, mesh),
+      (data, jnp.asarray(reference, jnp.float32)))
   snapshot = lambda s: lora.for_forward(s.adapters, settings.lora_scale)
   snapshots, losses = [snapshot(state)], []
   for start in range(0, settings.max_steps, settings.eval_every):
     chunk = slice(start, start + settings.eval_every)
     state, loss = _train_chunk(
-        params, config, data, reference, device_pairs, state, jnp.asarray(indices[chunk]),
-        jnp.asarray(weights[chunk]), jnp.arange(start, chunk.stop, dtype=jnp.int32), lrs,
-        groups_dev, jnp.float32(settings.beta), jnp.float32(settings.lora_scale))
+        params, config, data, reference, device_pairs, state,
+        *parallel.put_rows(mesh, (jnp.asarray(indices[chunk]), jnp.asarray(weights[chunk])),
+                           axis=1),
+        jnp.arange(start, chunk.stop, dtype=jnp.int32), lrs, groups_dev,
+        jnp.float32(settings.beta), jnp.float32(settings.lora_scale), mesh=mesh)
     snapshots.append(snapshot(state))
     losses.append(loss)
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *snapshots)
-  loss = np.asarray(jnp.concatenate(losses, axis=0)).T if losses else np.zeros((R, 0))
-  stopped_at, by_group = np.asarray(state.stopped_at), np.asarray(state.by_group)
+  if extra:  # padding off (without padding the snapshots keep their split over rows)
+    stacked = jax.tree.map(lambda x: x[:R], stacked)
+  loss = (np.asarray(jnp.concatenate(losses, axis=0)).T if losses
+          else np.zeros((padded, 0)))[:R]
+  stopped_at, by_group = np.asarray(state.stopped_at)[:R], np.asarray(state.by_group)[:R]
   messages = []
   for r in np.flatnonzero(stopped_at >= 0):
     t = int(stopped_at[r])

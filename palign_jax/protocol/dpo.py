@@ -12,21 +12,25 @@ For a batch of subjects, `align_subjects`:
    (`palign_jax.dpo.train`), all rows sharing the frozen base model as policy and reference:
    for each of k folds of the known items (`alignment.fold_of_known_items`, the folds PAS
    uses) a row trained on the other folds' pairs, and a final row trained on all of them.
-   Snapshots are kept at 0, eval_every, ..., max_steps steps.
+   Snapshots are kept at 0, eval_every, ..., max_steps steps. On the engine's mesh the rows
+   are split over its `data` axis; the program's shapes (pairs per row, rows per batch) are
+   fixed by the rule and the batch size, not by the subjects' answers, so batches reuse it.
 3. chooses the number of steps (and the learning rate, if several are given) on the known
    items only, by the same rules as PAS's alpha (`selection`): each fold row's snapshots
    score the fold's items (`engine.score` under the default system prompt, with the
    content-free questions); the readout is chosen at step 0, then the fewest steps whose
    out-of-fold benchmark error is within one standard error of the best admissible candidate
-   (letter mass not far below the base model's). Step 0 is the base model, so a subject whom
+   (letter mass not far below the base model's); at equal steps the smaller learning rate
+   comes first (less change). Step 0 is the base model, so a subject whom
    DPO does not help on their own known items gets the zero-shot model, as PAS can pick
    alpha 0. The 180 test items are never seen before this choice is made.
 4. scores the test items with the final row's snapshot at the chosen steps.
 
 A subject with no usable pairs (every known answer neutral or missing) is not trained; their
 result is the base model's, with a note. A row whose loss or update is not finite stops with
-every other row of its subject, with a note; step counts from that step on are not candidates
-for that subject, and the other subjects are unaffected.
+the other rows of its (subject, learning rate), with a note; step counts from that step on are
+not candidates at that rate, and the subject's other rates and the other subjects train on as
+if it were not there.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from palign_jax.protocol import alignment
 from palign_jax.protocol import selection as selection_lib
 
 REJECTED_RULES = ("far_end", "all_others")
+PAIRS_PER_ITEM = {"far_end": 1, "all_others": 4}  # the most pairs one answered item gives
 _LOG = logging.getLogger(__name__)
 
 
@@ -212,6 +217,12 @@ def preference_pairs(known_answers: np.ndarray, rule: str = "far_end"
   return pairs
 
 
+def pair_width(rule: str, pref: dpo_train.PreferenceData) -> int:
+  """The most pairs any subject can have under `rule` (every known item answered): the fixed
+  `RowPairs` width of a run, so that it does not follow the batch's answers."""
+  return PAIRS_PER_ITEM[rule] * int(pref.prompts.shape[0])
+
+
 _DATA_CACHE: dict[str, dpo_train.PreferenceData] = {}
 
 
@@ -257,10 +268,13 @@ def _row_seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) & 0x7FFFFFFF for p in parts]).generate_state(1)[0])
 
 
-def _candidates(num_rates: int, num_steps: int) -> list[tuple[int, int]]:
-  """`(learning-rate index, step index)` in selection order: step 0 (the base model, the same
-  for every rate) first, then fewer steps before more, the earlier rate first."""
-  return [(0, 0)] + [(lr, c) for c in range(1, num_steps) for lr in range(num_rates)]
+def _candidates(learning_rates, num_steps: int) -> list[tuple[int, int]]:
+  """`(learning-rate index, step index)` in selection order, least change first (as
+  `selection` takes them: the first candidate within the bar wins, so this order is the
+  tie-break): step 0 (the base model, the same for every rate), then fewer steps before more
+  and, at the same steps, the smaller rate before the larger (equal rates: config order)."""
+  by_rate = np.argsort(np.asarray(learning_rates, np.float64), kind="stable")
+  return [(0, 0)] + [(int(lr), c) for c in range(1, num_steps) for lr in by_rate]
 
 
 def _select(known_log_probs, fold_prior, known, fold, settings: DpoSettings, usable,
@@ -269,13 +283,14 @@ def _select(known_log_probs, fold_prior, known, fold, settings: DpoSettings, usa
   """One subject's choice of (steps, rate, readout) by `selection` on the known items.
 
   known_log_probs `[L, C, 120, 5]` (out of fold), fold_prior `[folds, L, C, 5]`, known
-  `int[120]`, usable `bool[C]`. Returns the selection, the errors as `[L, C]` per decoding,
-  the candidates and their labels."""
-  candidates = _candidates(*known_log_probs.shape[:2])
+  `int[120]`, usable `bool[L, C]` (False: that rate's training had stopped before those
+  steps). Returns the selection, the errors as `[L, C]` per decoding, the candidates and
+  their labels."""
+  candidates = _candidates(learning_rates, known_log_probs.shape[1])
   rows, cols = np.array(candidates).T
   pick, _ = selection_lib.select(
       known_log_probs[rows, cols], fold_prior[:, rows, cols], known, fold, settings.decodings,
-      settings.choice, settings.selection, usable=usable[cols])
+      settings.choice, settings.selection, usable=usable[rows, cols])
   grid = {}
   for d, e in pick.errors.items():
     grid[d] = np.full(known_log_probs.shape[:2], np.nan)
@@ -334,8 +349,11 @@ def align_subjects(engine, subjects: data.Subjects, settings: DpoSettings, *,
   if rows:
     reference = stages.run("reference", "DPO: reference log-probabilities",
                            dpo_train.reference_log_probs, params, config, pref)
+    # The width fits any subject's answers (every item answered), so it is the same for
+    # every batch of the run and the training program compiles once.
     row_pairs = dpo_train.RowPairs.build(
-        [[p for p in pairs[s] if f == k or fold[p[0]] != f] for s, f, _ in rows])
+        [[p for p in pairs[s] if f == k or fold[p[0]] != f] for s, f, _ in rows],
+        width=pair_width(settings.rejected, pref))
     for s in trained:
       empty = [f + 1 for f in range(k) if row_pairs.count[row_of[(s, f, 0)]] == 0]
       if empty:
@@ -353,7 +371,8 @@ def align_subjects(engine, subjects: data.Subjects, settings: DpoSettings, *,
         reference, row_pairs, init, settings.train_settings,
         learning_rates=[settings.learning_rates[lr] for _, _, lr in rows],
         seeds=[_row_seed(settings.seed, seeds[s], f, lr) for s, f, lr in rows],
-        groups=[row_of[(s, 0, 0)] for s, _, _ in rows], row_names=names)
+        groups=[row_of[(s, 0, lr)] for s, _, lr in rows], row_names=names,
+        mesh=engine.mesh, rows=n * (k + 1) * L)
 
   # Out-of-fold scores of the known items at every (rate, steps); step 0 is the base model.
   known_log_probs = np.broadcast_to(base_known, (n, L, C) + base_known.shape).copy()
@@ -375,19 +394,25 @@ def align_subjects(engine, subjects: data.Subjects, settings: DpoSettings, *,
       fold_prior[trained, f, :, 1:] = prior.reshape(len(trained), L, C - 1, 5)
 
   # The choice, on the known items only. Step counts a subject could not use are NaN: every
-  # step after 0 for a subject not trained, and those from a stop on for a stopped one.
+  # step after 0 for a subject not trained, and at a rate whose rows stopped, those from the
+  # stop on.
   fold_error, choices, selections = [], [], []
   for s in range(n):
-    usable = steps == 0 if s not in trained else np.ones(C, bool)
-    own = [r for r in range(len(rows)) if rows[r][0] == s and result.stopped_at[r] >= 0]
-    if own:
+    usable = np.broadcast_to(steps == 0 if s not in trained else np.ones(C, bool), (L, C)).copy()
+    for lr in range(L):
+      own = [r for r in range(len(rows)) if rows[r][0] == s and rows[r][2] == lr
+             and result.stopped_at[r] >= 0]
+      if not own:
+        continue
       t = int(min(result.stopped_at[r] for r in own))
-      usable = (steps < t) | (steps == 0)
+      usable[lr] = (steps < t) | (steps == 0)
       failed = [names[r] for r in own if not result.stopped_by_group[r]]
-      notes[s].append(f"training stopped at step {t + 1} of {settings.max_steps}: the DPO loss "
-                      f"or update of {', '.join(failed)} was not finite; every row of this "
-                      f"subject stopped there and step counts >= {t} (other than 0, the base "
-                      "model) were not candidates; the other subjects went on")
+      rate = f" at learning rate {settings.learning_rates[lr]:g}" if L > 1 else ""
+      notes[s].append(f"training{rate} stopped at step {t + 1} of {settings.max_steps}: the DPO "
+                      f"loss or update of {', '.join(failed)} was not finite; every row of this "
+                      f"subject{rate} stopped there and step counts >= {t} (other than 0, the "
+                      f"base model) were not candidates{rate}; the other "
+                      f"{'rates and ' if L > 1 else ''}subjects went on")
       _LOG.warning("DPO: subject %s: %s", subjects.ids[s], notes[s][-1])
     pick, errors, candidates, labels = _select(
         known_log_probs[s], fold_prior[s], known[s], fold, settings, usable,
@@ -417,7 +442,9 @@ def align_subjects(engine, subjects: data.Subjects, settings: DpoSettings, *,
           "rank": settings.rank, "lora_alpha": settings.lora_alpha,
           "targets": list(settings.targets), "rejected_rule": settings.rejected,
           "train_shapes": {"prompt_tokens": int(pref.prompts.shape[1]),
-                           "branch_tokens": int(pref.branches.shape[2])},
+                           "branch_tokens": int(pref.branches.shape[2]),
+                           "pairs_per_row": pair_width(settings.rejected, pref),
+                           "rows": n * (k + 1) * L, "data_shards": engine.data_shards},
           "content_free_questions": len(readout.CONTENT_FREE_STATEMENTS),
           "test_items": int(len(heldout)), "stage_seconds": dict(stages.seconds)}
   out = []
