@@ -196,13 +196,3 @@ def put_rows(mesh: Mesh | None, tree, axis: int = 0):
   if mesh is None:
     return tree
   return jax.tree.map(lambda x: jax.device_put(x, rows_sharding(mesh, np.ndim(x), axis)), tree)
-
-
-def constrain_rows(mesh: Mesh | None, tree, axis: int = 0):
-  """Inside `jit`: every leaf of `tree` keeps dimension `axis` split over `data`
-  (`with_sharding_constraint`), so XLA partitions the work on it by rows instead of choosing
-  a layout of its own (identity without a mesh)."""
-  if mesh is None:
-    return tree
-  return jax.tree.map(
-      lambda x: jax.lax.with_sharding_constraint(x, rows_sharding(mesh, x.ndim, axis)), tree)
