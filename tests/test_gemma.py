@@ -223,3 +223,20 @@ def test_bfloat16_params_run_close_to_float32():
   ref = forward(params, config, tokens).logits
   half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   assert_close(forward(half, config, tokens).logits, ref, rtol=5e-2)
+
+
+def test_planner_presets_and_windowed_useful_flops():
+  from palign_jax import planner
+
+  count = lambda name: sum(int(np.prod(s)) for s in param_shapes(planner.PRESETS[name]).values())
+  assert count("gemma3_270m") == 268_098_176 and count("gemma3_1b") == 999_885_952  # published
+  c = planner.PRESETS["gemma3_1b"]
+  assert c.sliding_layers().count(False) == 4 and c.sliding_window == 512
+  windowed = planner.useful_score_flops(c, [1400], [40])
+  wide = planner.useful_score_flops(dataclasses.replace(c, sliding_window=None), [1400], [40])
+  linear = planner.layer_flops(c, 1, 0) * (1400 + 40) + 2 * c.hidden_size * c.vocab_size
+  per_pair = 4 * c.num_heads * c.head_dim
+  local_pairs = (512 * 513 / 2 + 512 * (1400 - 512)) + 40 * 512  # each query sees <= 512 keys
+  global_pairs = 1400 * 1401 / 2 + 40 * 1400 + 40 * 41 / 2
+  assert windowed == pytest.approx(linear + per_pair * (22 * local_pairs + 4 * global_pairs))
+  assert wide == pytest.approx(linear + per_pair * 26 * global_pairs)
