@@ -240,3 +240,30 @@ def test_planner_presets_and_windowed_useful_flops():
   global_pairs = 1400 * 1401 / 2 + 40 * 1400 + 40 * 41 / 2
   assert windowed == pytest.approx(linear + per_pair * (22 * local_pairs + 4 * global_pairs))
   assert wide == pytest.approx(linear + per_pair * 26 * global_pairs)
+
+
+def test_prefix_shared_scoring_equals_full_sequences():
+  """`scoring`'s kernels, unchanged, on Gemma: right-padded contexts longer than the window
+  (encoded in two halves from PREFILL_SPLIT_MIN on), questions scored on them, equal to each
+  context + question run whole."""
+  from palign_jax import scoring
+
+  _, config, params = build("gqa")
+  rng = np.random.default_rng(13)
+  S, T = scoring.PREFILL_SPLIT_MIN, 8
+  context_lengths, question_lengths = np.array([S - 3, 20]), np.array([8, 5, 6])
+  contexts = rng.integers(0, config.vocab_size, (2, S)).astype(np.int32)
+  questions = rng.integers(0, config.vocab_size, (3, T)).astype(np.int32)
+  options = jnp.asarray([3, 5, 7, 11, 13], jnp.int32)
+  cache = scoring.encode_prefixes(params, config, jnp.asarray(contexts),
+                                  jnp.asarray(context_lengths))
+  scores = scoring.score_on_prefixes(params, config, cache, jnp.asarray(context_lengths),
+                                     jnp.asarray(questions), jnp.asarray(question_lengths),
+                                     options)
+  for p, n in enumerate(context_lengths):
+    whole = np.zeros((3, S + T), np.int32)
+    for q, m in enumerate(question_lengths):
+      whole[q, :n + m] = np.concatenate([contexts[p, :n], questions[q, :m]])
+    ref = scoring.score_sequences(params, config, jnp.asarray(whole),
+                                  jnp.asarray(n + question_lengths), options)
+    np.testing.assert_allclose(np.asarray(scores[p]), np.asarray(ref), rtol=1e-5, atol=1e-5)
