@@ -35,6 +35,10 @@ Attention runs as einsums that never transpose or broadcast the scores (the CPU'
 through `jax.nn.dot_product_attention` (cuDNN's flash kernel on a GPU):
 `attention_implementation` chooses, `config.attention` overrides. Mistral's sliding window is
 not implemented (it only matters beyond 4,096 tokens).
+
+Gemma 3 (`gemma.py`) is built from this module's blocks (`project_qkv`, `attend`,
+`output_heads`, `Mlp`, `output_logits`, ...); `forward` runs it when `config.architecture` is
+"gemma3" (`decoder_class`), so scoring, the engine and generation call one entry point.
 """
 
 from __future__ import annotations
