@@ -1,8 +1,7 @@
 """Administers any questionnaire to many alignment profiles at once.
 
-    python -m launch.answer --questionnaire=examples/short_bfi.csv --profiles=runs/me/profiles
-    python -m launch.answer --questionnaire=q.csv --profiles='runs/*/profiles/*' \
-        --output_dir=runs/answer_q
+    python -m launch.answer --questionnaire=examples/weekend_habits.csv --profiles=runs/me
+    python -m launch.answer --questionnaire=q.csv --profiles='runs/*/profiles/*' --output_dir=o
 
 The questionnaire is a CSV (`item`, `statement`, optional `trait` and `keyed` +/-; the answer
 scale is PAPI's five options unless the file has `# option: key, value, label` lines or

@@ -4,8 +4,8 @@
     python -m launch.chat --profile=... --prompts_file=questions.txt
     python -m launch.chat --profile=... --inventory      # Big Five of the aligned model
     python -m launch.chat --profile=...                  # interactive (empty line quits)
-    python -m launch.chat --profiles=runs/me/profiles --prompt="How was your weekend?" \
-        --output_file=replies.csv                        # many profiles, one generation
+    python -m launch.chat --profiles=runs/me/profiles --prompts_file=questions.txt
+    python -m launch.chat --profiles='runs/*/profiles/*' --prompt=Hi --output_file=replies.csv
 
 The aligned model is the profile's context plus what it carries: for a PAS
 profile the subject's few-shot system prompt and the steering, for a DPO profile
