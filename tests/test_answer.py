@@ -1,6 +1,7 @@
 """launch.answer: the questionnaire parser's refusals, many profiles scored as one batch (PAS and
 DPO mixed) against each alone and against the engine's own PAPI scoring, resume, the CLI."""
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -229,3 +230,22 @@ def test_cli_answers_and_refuses_in_one_line(tiny_model_dir, tiny_engine, tmp_pa
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().count("\n") == 0 and "duplicate item 'q1'" in proc.stderr
   assert not (tmp_path / "no").exists()
+
+
+def test_profile_specs_folder_run_glob_and_list(tiny_engine, tmp_path):
+  folder = save_all(tmp_path / "run" / "profiles", mixed_profiles(tiny_engine)[:2])
+  expected = [folder / "dpo2", folder / "pas1"]
+  for spec in (folder, tmp_path / "run", f"{tmp_path}/run/profiles/*",
+               f"{folder / 'dpo2'},{folder / 'pas1'}"):
+    assert profile_lib.profile_paths(str(spec)) == expected
+  with pytest.raises(UserInputError, match="no such profile"):
+    profile_lib.profile_paths(str(tmp_path / "missing"))
+  with pytest.raises(UserInputError, match="names no alignment profile"):
+    profile_lib.profile_paths(f"{tmp_path}/nothing*")
+  twin = dataclasses.replace(dpo_profile(tiny_engine, 5, rank=2), subject_id="pas1")
+  save_all(tmp_path / "twin", [twin])
+  labels, _ = profile_lib.load_profiles(f"{folder},{tmp_path / 'twin'}")
+  assert labels == ["dpo2", "pas1:pas", "pas1:dpo"]  # the same person, PAS and DPO
+  save_all(tmp_path / "again", [mixed_profiles(tiny_engine)[0]])
+  with pytest.raises(UserInputError, match="are both 'pas1:pas'"):
+    profile_lib.load_profiles(f"{folder},{tmp_path / 'again'}")
