@@ -182,7 +182,8 @@ def write_outputs(out: pathlib.Path, questionnaire, labels, profiles, log_probs,
   _write_text(files["summary.md"], summary_table(traits, chosen, own_of, readout))
   files["trait_scores.png"] = out / "trait_scores.png"
   plot_trait_scores(traits, chosen, own_of, files["trait_scores.png"],
-                    f"{q.source}: {len(labels)} profiles, readout {readout}")
+                    f"{q.source}: {len(labels)} profile(s), readout {readout}",
+                    (q.scale.values.min(), q.scale.values.max()))
   return files
 
 
@@ -200,9 +201,10 @@ def summary_table(traits, scores: np.ndarray, own_of, readout: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot_trait_scores(traits, scores: np.ndarray, own_of, path: pathlib.Path,
-                      title: str) -> None:
-  """Per trait, each profile's score (dots, box) and its own known-answer score (rings)."""
+def plot_trait_scores(traits, scores: np.ndarray, own_of, path: pathlib.Path, title: str,
+                      value_range: tuple[float, float]) -> None:
+  """Per trait, each profile's score (dots, box) and its own known-answer score (rings), on
+  the scale's whole range."""
   import matplotlib
   matplotlib.use("Agg")  # files only
   import matplotlib.pyplot as plt
@@ -220,6 +222,7 @@ def plot_trait_scores(traits, scores: np.ndarray, own_of, path: pathlib.Path,
                  label="own answers" if k == 0 else None, zorder=3)
   ax.set_xticks(x, [data.TRAIT_NAMES.get(t, t) for t in traits], rotation=15)
   ax.set_ylabel("trait score")
+  ax.set_ylim(value_range[0] - 0.25, value_range[1] + 0.25)
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -241,7 +244,8 @@ def main(argv: list[str]) -> None:
   result = run(config, output_dir)
   if "summary.md" in result["files"]:
     print(result["files"]["summary.md"].read_text())
-  print(f"{len(result['labels'])} profiles x {len(result['questionnaire'].items)} items; "
+  n = len(result["labels"])
+  print(f"{n} profile{'' if n == 1 else 's'} x {len(result['questionnaire'].items)} items; "
         f"wrote {', '.join(str(p) for p in result['files'].values())}")
 
 

@@ -249,3 +249,25 @@ def test_profile_specs_folder_run_glob_and_list(tiny_engine, tmp_path):
   save_all(tmp_path / "again", [mixed_profiles(tiny_engine)[0]])
   with pytest.raises(UserInputError, match="are both 'pas1:pas'"):
     profile_lib.load_profiles(f"{folder},{tmp_path / 'again'}")
+
+
+def test_ipip_questionnaire_plots_against_own_answers(tiny_model_dir, tiny_engine, tmp_path):
+  from launch import answer
+  from palign_jax import data
+  from palign_jax.evaluation import plots
+  items = data.load_items()
+  picks = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+  rows = "".join(f"{items.number[j]},{items.text[j]},{data.TRAITS[items.trait[j]]},"
+                 f"{'+' if items.keyed[j] > 0 else '-'}\n" for j in picks)
+  questionnaire = write(tmp_path, "item,statement,trait,keyed\n" + rows, "ipip.csv")
+  profiles = mixed_profiles(tiny_engine)[:2]
+  folder = save_all(tmp_path / "profiles", profiles)
+  result = answer.run(answer_config(tiny_model_dir, questionnaire, folder),
+                      str(tmp_path / "out"), engine=tiny_engine)
+  by_label = dict(zip(result["labels"], result["profiles"], strict=True))
+  table = (tmp_path / "out" / "trait_scores.csv").read_text().splitlines()[1:]
+  for line in table:
+    label, trait, *_, own = line.split(",")
+    person = plots.trait_scores(by_label[label].known_answers, data.load_split().known)
+    assert float(own) == pytest.approx(person[data.TRAITS.index(trait)], abs=1e-4)
+  assert "own answers, mean" in (tmp_path / "out" / "summary.md").read_text()
