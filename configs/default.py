@@ -135,5 +135,31 @@ def get_config() -> ml_collections.ConfigDict:
   config.compile_cache.dir = ""
   config.compile_cache.min_compile_time_s = 0.1
 
+  # launch.answer and api.answer: any questionnaire administered to many profiles at once
+  # (palign_jax/questionnaire.py, palign_jax/administer.py).
+  config.answer = ml_collections.ConfigDict()
+  config.answer.questionnaire = ""  # CSV: item, statement[, trait, keyed]
+  config.answer.profiles = ""  # a folder of profiles, a run folder, a glob or a list
+  # A `key,value,label` CSV; "" = the questionnaire's own `# option:` lines, else PAPI's five.
+  config.answer.scale = ""
+  # "you": PAPI's "You <statement, lower-cased>." (for IPIP-style fragments such as "Talk a
+  # lot."); "as_written": the statement as it is in the file.
+  config.answer.statement_form = "you"
+  # The readout of the trait scores in the summary and plot (all are in the CSV): "expected"
+  # (the mean of the option distribution; a small model's argmax is nearly constant),
+  # "median" or "argmax".
+  config.answer.readout = "expected"
+  config.answer.profiles_per_batch = 32  # profiles per scoring call and per resumable step
+
+  # Open-ended generation (launch.chat, api.generate). Sampling with a mild repetition penalty
+  # by default: greedy decoding of the embedded 135M model loops on long contexts.
+  config.generation = ml_collections.ConfigDict()
+  config.generation.max_new_tokens = 96
+  config.generation.temperature = 0.7  # 0 = greedy
+  config.generation.top_p = 0.9  # nucleus sampling (1 = off)
+  config.generation.repetition_penalty = 1.2  # CTRL-style, on tokens already generated; 1 = off
+  config.generation.no_repeat_ngram_size = 4  # never repeat a 4-gram of the reply; 0 = off
+  config.generation.seed = 0
+
   config.plots = True
   return config

@@ -4,12 +4,21 @@
     python -m launch.chat --profile=... --prompts_file=questions.txt
     python -m launch.chat --profile=... --inventory      # Big Five of the aligned model
     python -m launch.chat --profile=...                  # interactive (empty line quits)
+    python -m launch.chat --profiles=runs/me/profiles --prompts_file=questions.txt
+    python -m launch.chat --profiles='runs/*/profiles/*' --prompt=Hi --output_file=replies.csv
 
 The aligned model is the profile's context plus what it carries: for a PAS
 profile the subject's few-shot system prompt and the steering, for a DPO profile
 (`launch.align --align_method=dpo`) the default system prompt and the LoRA
 adapter. The unaligned model is the same model with the default system prompt,
-no steering and no adapter.
+no steering and no adapter. With --profiles, every profile and the unaligned
+model answer each prompt in one batched generation (per-row context, steering
+and adapter), printed side by side (and written as CSV with --output_file).
+
+Generation: sampling with temperature, top-p, a repetition penalty and a
+no-repeat n-gram ban by default (config.generation; greedy decoding of the
+135M embedded model loops on a long context); --greedy for argmax. A reply
+stops at the end of the assistant's turn.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from launch import common
 
 common.require_runtime()  # before the imports it checks
 
+import csv
+import dataclasses
 import pathlib
 import sys
 
@@ -25,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from palign_jax import data, prompts, readout, scoring
+from palign_jax import api, data, prompts, readout
 from palign_jax.errors import UserInputError
 from palign_jax.evaluation import plots
 from palign_jax.protocol import profile as profile_lib
@@ -39,9 +50,28 @@ _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file, one prom
 _INVENTORY = flags.DEFINE_bool("inventory", False, "Re-administer all 300 items to the aligned "
                                "and unaligned model and print their Big Five profiles next to "
                                "the person's.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 96, "Tokens generated per answer.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (with --temperature > 0).")
+_PROFILES = (flags.FLAGS["profiles"] if "profiles" in flags.FLAGS else flags.DEFINE_string(
+    "profiles", None, "Many profiles at once: a folder of them, a run folder, a quoted glob or "
+    "a comma-separated list; every profile and the unaligned model answer each prompt in one "
+    "batched generation."))
+_OUTPUT_FILE = flags.DEFINE_string("output_file", None, "With --profiles: also write the replies "
+                                   "as CSV (one row per prompt, one column per profile).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Tokens generated per answer "
+                                       "(default config.generation.max_new_tokens, 96).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature; 0 = greedy "
+                                  "(default config.generation.temperature, 0.7).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling: sample from the most likely "
+                            "tokens holding this much probability; 1 = off (default 0.9).")
+_REPETITION_PENALTY = flags.DEFINE_float(
+    "repetition_penalty", None, "Divide (positive) logits of tokens the reply already holds by "
+    "this; 1 = off (default config.generation.repetition_penalty, 1.2).")
+_NO_REPEAT_NGRAM = flags.DEFINE_integer(
+    "no_repeat_ngram_size", None, "Never repeat an n-gram of the reply; 0 = off (default 4).")
+_GREEDY = flags.DEFINE_bool("greedy", False, "Argmax decoding, no penalty, no n-gram ban: the "
+                            "model's raw most likely reply (same as --temperature=0 "
+                            "--repetition_penalty=1 --no_repeat_ngram_size=0).")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default config.generation.seed); the "
+                             "same seed gives the same replies, whatever the batch.")
 _ALPHA = flags.DEFINE_float("alpha", None, "Override the profile's alpha (profiles with "
                             "steering only).")
 
@@ -109,35 +139,105 @@ def inventory_table(engine, profile: profile_lib.AlignmentProfile, person: np.nd
   return "\n".join(lines)
 
 
+def options() -> dict:
+  """`scoring.generate` settings: config.generation, then the flags given."""
+  given = {"max_new_tokens": _MAX_NEW_TOKENS.value, "temperature": _TEMPERATURE.value,
+           "top_p": _TOP_P.value, "repetition_penalty": _REPETITION_PENALTY.value,
+           "no_repeat_ngram_size": _NO_REPEAT_NGRAM.value, "seed": _SEED.value}
+  if _GREEDY.value:
+    given.update(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0)
+  return api.generation_options(_CONFIG.value, **{k: v for k, v in given.items()
+                                                  if v is not None})
+
+
+def describe_options(settings: dict) -> str:
+  """One line: how replies are decoded."""
+  if settings["temperature"] == 0:
+    how = "greedy"
+  else:
+    how = f"sampled at temperature {settings['temperature']}, top-p {settings['top_p']}"
+  return (f"Generation: {how}, repetition penalty {settings['repetition_penalty']}, "
+          f"no-repeat n-gram {settings['no_repeat_ngram_size'] or 'off'}, seed "
+          f"{settings['seed']}, at most {settings['max_new_tokens']} tokens.")
+
+
+def what_it_adds(profile: profile_lib.AlignmentProfile, tokenizer) -> str:
+  """What the aligned side has that the unaligned one lacks."""
+  context = ("the default system prompt" if profile.system_prompt == prompts.DEFAULT_SYSTEM_PROMPT
+             else f"a system prompt of {int((profile.known_answers > 0).sum())} questionnaire "
+             f"answers ({len(tokenizer.encode(profile.system_prompt))} tokens)")
+  parts = [f"context: {context}"]
+  if profile.has_steering:
+    parts.append(f"steering at alpha {profile.alpha:g}" + (" (none: alpha 0)"
+                                                            if not profile.alpha else ""))
+  if profile.adapters is not None:
+    parts.append(f"LoRA adapter on {', '.join(profile.adapters)}")
+  return "; ".join(parts)
+
+
 def answer(engine, profile: profile_lib.AlignmentProfile, question: str,
-           steering: np.ndarray | None) -> str:
-  """The aligned model's reply: steering through `engine.generate`; with an adapter,
-  `scoring.generate` with the adapter in every forward pass."""
-  options = dict(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
-                 seed=_SEED.value)
-  if profile.adapters is None:
-    return engine.generate(profile.system_prompt, question, steering, **options)
-  tokenizer = engine.model.tokenizer
-  tokens = prompts.encode_chat_prompt(tokenizer, profile.system_prompt, question)
-  eos = [i for i in {tokenizer.eos_token_id} if i is not None]
-  (out,) = scoring.generate(engine.model.params, engine.config, [tokens],
-                            adapters=profile.adapters, steering=steering, eos_ids=eos,
-                            **options)
-  return tokenizer.decode(out, skip_special_tokens=True).strip()
+           steering: np.ndarray | None = None) -> str:
+  """The aligned model's reply (its context, steering and adapter; `steering` unused, kept for
+  callers: the profile's alpha, or --alpha's, steers)."""
+  return api.generate(engine, [profile], [question], **options())[0][0]
+
+
+def side_by_side(engine, labels: list[str], profiles: list, questions: list[str]) -> list[list]:
+  """Prints each prompt's replies, unaligned first, then every profile (one generation for
+  all); returns the rows `[prompt, unaligned, *profiles]`."""
+  settings = options()
+  print(describe_options(settings))
+  for label, p in zip(labels, profiles, strict=True):
+    print(f"  {label} ({p.method}): {what_it_adds(p, engine.model.tokenizer)}")
+  replies = api.generate(engine, [None, *profiles], questions, **settings)
+  rows = []
+  for q, question in enumerate(questions):
+    row = [question] + [r[q] for r in replies]
+    print(f"\n> {question}")
+    for label, reply in zip(["unaligned", *labels], row[1:], strict=True):
+      print(f"--- {label} ---\n{reply}")
+    rows.append(row)
+  sys.stdout.flush()
+  return rows
+
+
+def _many(engine) -> None:
+  if _INVENTORY.value or _ALPHA.value is not None or _PROFILE.value:
+    raise UserInputError("--profiles takes neither --profile, --inventory nor --alpha (use "
+                         "launch.answer to administer a questionnaire to many profiles)")
+  questions = _prompts()
+  if not questions:
+    raise UserInputError("--profiles needs --prompt or --prompts_file")
+  labels, profiles = profile_lib.load_profiles(_PROFILES.value,
+                                               model_fingerprint=engine.fingerprint,
+                                               prompt_version=prompts.PROMPT_VERSION)
+  rows = side_by_side(engine, labels, profiles, questions)
+  if _OUTPUT_FILE.value:
+    with open(_OUTPUT_FILE.value, "w", newline="", encoding="utf-8") as f:
+      writer = csv.writer(f)
+      writer.writerow(["prompt", "unaligned", *labels])
+      writer.writerows(rows)
+    print(f"\nwrote {_OUTPUT_FILE.value}")
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise UserInputError(f"unexpected arguments {argv[1:]}; see --help")
-  if not _PROFILE.value:
-    raise UserInputError("--profile is required (a directory written by launch.align)")
+  if not _PROFILE.value and not _PROFILES.value:
+    raise UserInputError("--profile (a directory written by launch.align) or --profiles is "
+                         "required")
   from palign_jax import engine as engine_lib
   config = common.resolved_config(_CONFIG, model=_MODEL.value)
+  options()  # bad generation settings stop here, before the model loads
   engine = engine_lib.Engine.from_config(config)
+  if _PROFILES.value:
+    return _many(engine)
   profile = profile_lib.load_profile(_PROFILE.value, model_fingerprint=engine.fingerprint,
                                      prompt_version=prompts.PROMPT_VERSION)
   print(describe(profile, _ALPHA.value))
-  steering = _steering_of(profile)
+  _steering_of(profile)  # refuses --alpha for a profile without steering
+  if _ALPHA.value is not None:
+    profile = dataclasses.replace(profile, alpha=_ALPHA.value)
   if _INVENTORY.value:
     person = np.zeros(data.NUM_ITEMS, np.int64)
     papi = data.load_papi_subjects()
@@ -148,6 +248,7 @@ def main(argv: list[str]) -> None:
     print(inventory_table(engine, profile, person))
   questions = _prompts()
   interactive = questions is None and not _INVENTORY.value
+  label = f"aligned to {profile.subject_id}"
   while True:
     if interactive:
       try:
@@ -159,14 +260,8 @@ def main(argv: list[str]) -> None:
       batch = [line]
     else:
       batch = questions or []
-    for question in batch:
-      unaligned = engine.generate(prompts.DEFAULT_SYSTEM_PROMPT, question, None,
-                                  max_new_tokens=_MAX_NEW_TOKENS.value,
-                                  temperature=_TEMPERATURE.value, seed=_SEED.value)
-      aligned = answer(engine, profile, question, steering)
-      print(f"\n> {question}\n--- unaligned ---\n{unaligned}\n--- aligned to "
-            f"{profile.subject_id} ---\n{aligned}")
-      sys.stdout.flush()
+    if batch:
+      side_by_side(engine, [label], [profile], batch)
     if not interactive:
       break
 

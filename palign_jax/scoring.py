@@ -454,19 +454,54 @@ def capture_head_outputs(params: Params, config: ModelConfig, sequences: Sequenc
 
 # --- generation -------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample"))
+def _banned_ngrams(generated: jax.Array, t: jax.Array, n: int, vocab: int) -> jax.Array:
+  """bool[B, vocab]: tokens that would repeat an n-gram of the reply so far.
+
+  generated int32[B, T] holds t tokens per row (the rest is padding): a token is banned where
+  the last n - 1 tokens occurred earlier followed by it (Paulus et al.'s no-repeat n-grams).
+  """
+  B, T = generated.shape
+  M = T - n + 1  # window starts
+  last = jax.lax.dynamic_slice_in_dim(generated, jnp.maximum(t - n + 1, 0), n - 1, axis=1)
+  windows = jnp.stack([generated[:, k:k + M] for k in range(n - 1)], -1)  # [B, M, n - 1]
+  follow = generated[:, n - 1:n - 1 + M]  # [B, M]
+  hit = (windows == last[:, None]).all(-1) & (jnp.arange(M) + n - 1 < t)[None] & (t >= n - 1)
+  return jnp.zeros((B, vocab), jnp.int32).at[jnp.arange(B)[:, None], follow].max(
+      hit.astype(jnp.int32)) > 0
+
+
+def _next_token(logits, key, seen, generated, t, temperature, top_p, penalty, *, sample: bool,
+                ngram: int):
+  # key: [B] keys, one per row, so a row samples the same alone or in any batch.
+  """One decoding step for f32[B, vocab] logits -> int32[B]: repetition penalty on `seen`
+  tokens (Keskar et al.: positive logits divided, negative multiplied), n-gram ban, then
+  argmax, or temperature and nucleus (top-p) sampling."""
+  logits = logits.astype(jnp.float32)
+  logits = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+  if ngram:
+    logits = jnp.where(_banned_ngrams(generated, t, ngram, logits.shape[-1]), -jnp.inf, logits)
+  if not sample:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  order = jnp.argsort(-logits, axis=-1)
+  ranked = jnp.take_along_axis(logits, order, -1)
+  probs = jax.nn.softmax(ranked, -1)
+  outside = jnp.cumsum(probs, -1) - probs > top_p  # the top token always stays
+  ranked = jnp.where(outside, -jnp.inf, ranked)
+  choice = jax.vmap(jax.random.categorical)(key, ranked)  # one key per row
+  return jnp.take_along_axis(order, choice[:, None], -1)[:, 0].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample", "ngram"))
 def _generate(params, config, tokens, n_pad, steering, adapters, eos_ids, key, temperature,
-              max_new_tokens: int, sample: bool):
-  """Left-padded prompts int32[B, P] -> generated int32[B, max_new_tokens], done bool[B]."""
+              top_p, penalty, max_new_tokens: int, sample: bool, ngram: int):
+  """Left-padded prompts int32[B, P] -> generated int32[B, max_new_tokens]."""
   B, P = tokens.shape
   slots = jnp.arange(P, dtype=jnp.int32)[None]
   prompt_mask = slots >= n_pad[:, None]
   lengths = P - n_pad  # real prompt lengths = position of the first generated token
-
-  def choose(logits, key):
-    if sample:
-      return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  choose = functools.partial(_next_token, temperature=temperature, top_p=top_p,
+                             penalty=penalty, sample=sample, ngram=ngram)
 
   prefill = forward(params, config, tokens, jnp.maximum(slots - n_pad[:, None], 0),
                     attention_mask=prompt_mask, steering=steering, adapters=adapters,
@@ -474,17 +509,20 @@ def _generate(params, config, tokens, n_pad, steering, adapters, eos_ids, key, t
   grow = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)))
   keys, values = grow(prefill.kv_cache.keys), grow(prefill.kv_cache.values)
   mask = jnp.pad(prompt_mask, ((0, 0), (0, max_new_tokens)))
-  key, sub = jax.random.split(key)
-  token = choose(prefill.logits[:, 0], sub)
-  generated = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(token)
+  generated = jnp.zeros((B, max_new_tokens), jnp.int32)
+  seen = jnp.zeros((B, prefill.logits.shape[-1]), bool)
+  at_step = jax.vmap(jax.random.fold_in, in_axes=(0, None))  # [B] row keys, step -> [B] keys
+  token = choose(prefill.logits[:, 0], at_step(key, 0), seen, generated, jnp.int32(0))
+  generated = generated.at[:, 0].set(token)
+  seen = seen.at[jnp.arange(B), token].set(True)
   done = jnp.isin(token, eos_ids)
 
   def cond(state):
-    t, *_, done, _ = state
+    t, *_, done = state
     return (t < max_new_tokens) & ~jnp.all(done)
 
   def step(state):
-    t, token, keys, values, mask, generated, done, key = state
+    t, token, keys, values, mask, generated, seen, done = state
     out = forward(params, config, token[:, None], (lengths + t - 1)[:, None],
                   kv_cache=KVCache(keys, values, mask), steering=steering, adapters=adapters,
                   return_kv=True)
@@ -492,28 +530,36 @@ def _generate(params, config, tokens, n_pad, steering, adapters, eos_ids, key, t
     keys = jax.lax.dynamic_update_slice_in_dim(keys, out.kv_cache.keys, slot, axis=2)
     values = jax.lax.dynamic_update_slice_in_dim(values, out.kv_cache.values, slot, axis=2)
     mask = jax.lax.dynamic_update_slice_in_dim(mask, jnp.ones((B, 1), bool), slot, axis=1)
-    key, sub = jax.random.split(key)
-    token = jnp.where(done, 0, choose(out.logits[:, 0], sub))
+    token = jnp.where(done, 0, choose(out.logits[:, 0], at_step(key, t), seen, generated, t))
     generated = jax.lax.dynamic_update_slice_in_dim(generated, token[:, None], t, axis=1)
-    return t + 1, token, keys, values, mask, generated, done | jnp.isin(token, eos_ids), key
+    seen = seen.at[jnp.arange(B), token].set(True)
+    return t + 1, token, keys, values, mask, generated, seen, done | jnp.isin(token, eos_ids)
 
-  state = (jnp.int32(1), token, keys, values, mask, generated, done, key)
+  state = (jnp.int32(1), token, keys, values, mask, generated, seen, done)
   state = jax.lax.while_loop(cond, step, state)
   return state[5]
 
 
 def generate(params: Params, config: ModelConfig, prompts: Sequence, max_new_tokens: int, *,
              steering=None, adapters: dict | None = None, temperature: float = 0.0,
-             seed: int = 0, eos_ids: Sequence[int] = ()) -> list[np.ndarray]:
+             top_p: float = 1.0, repetition_penalty: float = 1.0,
+             no_repeat_ngram_size: int = 0, seed: int | Sequence[int] = 0,
+             eos_ids: Sequence[int] = ()) -> list[np.ndarray]:
   """Continues each prompt with a key/value cache: greedy, or sampled if temperature > 0.
 
   prompts: B token-id sequences (ragged: left-padded internally).
   steering: None, [layers, heads, head_dim] or [B, layers, heads, head_dim]; applied to the
     prompt and every generated token.
   adapters: None or forward-form LoRA factors `{target: {"a": [layers, in, rank], "b":
-    [layers, rank, out]}}` shared by every prompt (e.g. a DPO profile's), in every forward
-    pass, so the cache holds the adapted keys and values.
-  seed: PRNG seed for sampling (same seed, same output). eos_ids: generation of a row stops
+    [layers, rank, out]}}` shared by every prompt (e.g. a DPO profile's), or with a leading
+    [B] axis (one per prompt), in every forward pass, so the cache holds the adapted keys and
+    values. Rows are independent: a row's output does not depend on the others'.
+  temperature: 0 = greedy; top_p: nucleus sampling (1 = off); repetition_penalty: tokens
+    already generated have positive logits divided by it and negative ones multiplied (1 =
+    off); no_repeat_ngram_size: n > 1 bans any token that would repeat an n-gram of the reply
+    (0 = off).
+  seed: PRNG seed for sampling, one for every row or one per row (a row's seed, prompt and
+    settings give the same output alone or in any batch). eos_ids: generation of a row stops
     after it emits one of these (the eos token is included in its output).
   -> B int32 arrays of generated ids (at most max_new_tokens each).
   """
@@ -522,19 +568,35 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence, max_new_tok
     raise UserInputError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0:
     raise UserInputError(f"generate: temperature must be >= 0, got {temperature}")
+  if not 0 < top_p <= 1:
+    raise UserInputError(f"generate: top_p must be in (0, 1], got {top_p}")
+  if repetition_penalty < 1:
+    raise UserInputError(f"generate: repetition_penalty must be >= 1, got {repetition_penalty}")
+  if no_repeat_ngram_size == 1 or no_repeat_ngram_size < 0:
+    raise UserInputError(f"generate: no_repeat_ngram_size must be 0 (off) or >= 2, got "
+                         f"{no_repeat_ngram_size}")
   if steering is not None:
     _check_steering(steering, config, [(), (len(prompts),)], "generate")
     steering = jnp.asarray(steering)
   if adapters is not None:
-    _check_context_adapters(adapters, config, None, "generate")
+    try:
+      lead = check_adapters(adapters, config)
+    except ValueError as err:
+      raise UserInputError(f"generate: {err}") from None
+    if lead not in (None, len(prompts)):
+      raise UserInputError(f"generate: adapters need no leading axis or one of {len(prompts)} "
+                           f"(one per prompt), got {lead}")
     adapters = jax.tree.map(jnp.asarray, adapters)
   length = bucket_length(max(map(len, prompts)))
   tokens, lengths = _pad(prompts, length, left=True)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+  seeds = np.broadcast_to(np.asarray(seed, np.uint32), (len(prompts),))
+  ngram = no_repeat_ngram_size if no_repeat_ngram_size <= max_new_tokens else 0
   generated = np.asarray(_generate(
       params, config, jnp.asarray(tokens), jnp.asarray(length - lengths), steering, adapters, eos,
-      jax.random.key(seed), jnp.float32(max(temperature, 1e-6)), max_new_tokens=max_new_tokens,
-      sample=temperature > 0))
+      jax.vmap(jax.random.key)(seeds), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+      jnp.float32(repetition_penalty), max_new_tokens=max_new_tokens, sample=temperature > 0,
+      ngram=ngram))
   out = []
   for row in generated:
     stop = np.flatnonzero(np.isin(row, list(eos_ids)))

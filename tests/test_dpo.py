@@ -300,7 +300,7 @@ def test_generation_with_an_adapter_equals_full_forwards():
   cut = scoring.generate(params, CONFIG, prompts_[:1], 6, eos_ids=[stop])[0]
   assert list(cut) == list(without[0][:list(without[0]).index(stop) + 1])
   with pytest.raises(UserInputError, match="leading axis"):
-    scoring.generate(params, CONFIG, prompts_, 2, adapters=random_adapters(0, lead=(2,)))
+    scoring.generate(params, CONFIG, prompts_, 2, adapters=random_adapters(0, lead=(3,)))
 
 
 # --- training -----------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def test_chat_uses_the_profile_adapter(tiny_engine):
   assert rows(plain)[0].split()[2:] == rows(plain)[1].split()[2:]
   adapted = chat.inventory_table(tiny_engine, make(adapters), person)
   assert rows(adapted)[0] == rows(plain)[0] and rows(adapted)[1] != rows(plain)[1]
-  unaligned = tiny_engine.generate(prompts.DEFAULT_SYSTEM_PROMPT, "Hello", None,
-                                   max_new_tokens=chat._MAX_NEW_TOKENS.value)
+  from palign_jax import api
+  unaligned = api.generate(tiny_engine, [None], ["Hello"], **chat.options())[0][0]
   assert chat.answer(tiny_engine, make(None), "Hello", None) == unaligned
   assert chat.answer(tiny_engine, make(adapters), "Hello", None) != unaligned

@@ -12,6 +12,7 @@ the model's fingerprint and the prompt version, and loading it for another model
 from __future__ import annotations
 
 import dataclasses
+import glob
 import pathlib
 
 import numpy as np
@@ -171,3 +172,46 @@ def load_profile(path: str | pathlib.Path, *, model_fingerprint: str | None = No
       adapters=None if adapters is None else {
           t: {k: np.asarray(v, np.float32) for k, v in f.items()} for t, f in adapters.items()},
       **meta)
+
+
+def profile_paths(spec: str | pathlib.Path | list) -> list[pathlib.Path]:
+  """The profile directories a spec names, sorted: a list of paths, a comma-separated string of
+  them, a glob (`runs/*/profiles/*`), a folder of profiles (`runs/me/profiles`) or a run
+  directory holding `profiles/`. Raises when it names none."""
+  items = spec if isinstance(spec, list | tuple) else [s for s in str(spec).split(",") if s]
+  found = []
+  for item in map(str, items):
+    path = pathlib.Path(item)
+    if any(c in item for c in "*?["):
+      found += [pathlib.Path(p) for p in sorted(glob.glob(item))
+                if (pathlib.Path(p) / "meta").exists()]
+    elif (path / "meta").exists():
+      found.append(path)
+    elif path.is_dir():
+      folder = path / "profiles" if (path / "profiles").is_dir() else path
+      found += sorted(p for p in folder.iterdir() if (p / "meta").exists())
+    else:
+      raise UserInputError(f"{item}: no such profile, folder of profiles or glob (--profiles)")
+  if not found:
+    raise UserInputError(f"--profiles {spec!r} names no alignment profile (directories written "
+                         "by launch.align, each with a 'meta' inside)")
+  return list(dict.fromkeys(p.absolute() for p in found))
+
+
+def load_profiles(spec: str | pathlib.Path | list, *, model_fingerprint: str | None = None,
+                  prompt_version: str | None = None
+                  ) -> tuple[list[str], list[AlignmentProfile]]:
+  """`(labels, profiles)` of every profile a spec names (`profile_paths`), each checked as by
+  `load_profile` (one made for another model is refused by its path). A label is the subject
+  id, or `id:method` where two profiles share an id; still equal labels are refused."""
+  paths = profile_paths(spec)
+  profiles = [load_profile(p, model_fingerprint=model_fingerprint,
+                           prompt_version=prompt_version) for p in paths]
+  ids = [p.subject_id for p in profiles]
+  labels = [i if ids.count(i) == 1 else f"{i}:{p.method}" for i, p in zip(ids, profiles,
+                                                                           strict=True)]
+  for i, label in enumerate(labels):
+    if label in labels[:i]:
+      raise UserInputError(f"profiles {paths[labels.index(label)]} and {paths[i]} are both "
+                           f"{label!r}; name one of them only")
+  return labels, profiles
