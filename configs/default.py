@@ -124,6 +124,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed.process_id = 0
   config.distributed.auto = False
   config.distributed.timeout_s = 300  # how long a process waits for the others to start
+  # "independent": each process aligns its share of the subjects alone over its own devices
+  # (a job array: one that dies stops no other). "pod": one SPMD program over every process's
+  # devices (one global mesh: a multi-host TPU slice, or a model larger than one host); a
+  # process that dies stops the job, and a restart resumes. See the README's "Scale out".
+  config.distributed.mode = "independent"
 
   # The launchers' persistent XLA compilation cache (jax_compilation_cache_dir): a rerun with
   # the same shapes loads its compiled programs instead of compiling them again

@@ -96,9 +96,10 @@ def run(config, output_dir: str) -> store.ResultStore:
       "probe": config.probe.to_dict(), "readout": config.readout.to_dict(),
       "selection": config.selection.to_dict()}
   common.check_same_run(identity, process, processes)
-  results_store = store.ResultStore(out, identity, store.shard_file(process, processes))
+  share, records_file, writes = common.work_of_process(config, subjects.ids, process, processes)
+  results_store = store.ResultStore(out, identity, records_file, writes=writes)
+  common.sync_processes(config, processes, "records opened")
   method = METHOD_OF[selection]
-  share = parallel.subjects_of_process(subjects.ids, process, processes)
   pending = [s for s in share if not results_store.has(s, method)]
   bar = tqdm(total=len(pending), unit="subject", file=sys.stderr,
              desc="aligning" if processes == 1 else f"aligning, process {process}/{processes}")
@@ -121,7 +122,9 @@ def run(config, output_dir: str) -> store.ResultStore:
           known_answers=known[s], selection=selection, decoding=used,
           settings={"pas": config.pas.to_dict(), "probe": config.probe.to_dict(),
                     "seed": int(config.seed)})
-      path = profile_lib.save_profile(out / "profiles" / _safe(alignment.subject_id), profile)
+      path = out / "profiles" / _safe(alignment.subject_id)
+      if writes:  # pod mode: every process has the profile, process 0 saves it
+        path = profile_lib.save_profile(path, profile)
       layers, heads = np.nonzero(profile.head_mask)
       seconds = sum(alignment.work["stage_seconds"].values()) / len(chunk)
       (record,) = records_lib.pas_records(
@@ -138,6 +141,7 @@ def run(config, output_dir: str) -> store.ResultStore:
 
 
 def run_dpo(config, output_dir: str, process: int, processes: int) -> store.ResultStore:
+  common.refuse_in_pod(config, processes, "--align_method=dpo")
   """`run` for `config.align_method == "dpo"`: one DPO adapter per subject, its profile and
   its dpo record."""
   if str(config.pas.selection) != "kfold_known" or str(config.pas.decoding) != "chosen":

@@ -231,9 +231,50 @@ jax.distributed.shutdown()
 """
 
 
+DISTRIBUTED_MODES = ("independent", "pod")
+
+
+def distributed_mode(config) -> str:
+  """`config.distributed.mode`, checked."""
+  from palign_jax.errors import UserInputError
+
+  mode = str(config.distributed.get("mode", "independent"))
+  if mode not in DISTRIBUTED_MODES:
+    raise UserInputError(f"config.distributed.mode={mode!r}: expected one of "
+                         f"{DISTRIBUTED_MODES}")
+  return mode
+
+
+def _join_pod(settings: dict) -> tuple[int, int]:
+  """Pod mode: this process itself joins `jax.distributed` for the whole run."""
+  import jax
+
+  from palign_jax.errors import UserInputError
+
+  # CPU devices across processes talk through gloo (accelerators ignore the setting). Nothing
+  # here may touch a backend before `initialize`.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    if settings["auto"]:
+      jax.distributed.initialize(initialization_timeout=settings["timeout_s"])
+    else:
+      jax.distributed.initialize(settings["coordinator_address"],
+                                 num_processes=settings["num_processes"],
+                                 process_id=settings["process_id"],
+                                 initialization_timeout=settings["timeout_s"])
+  except Exception as err:
+    raise UserInputError("config.distributed (pod): could not join the other processes "
+                         f"({str(err).splitlines()[0][:300]}; settings {settings})") from None
+  return jax.process_index(), jax.process_count()
+
+
 def init_distributed(config) -> tuple[int, int]:
   """Joins the run's processes through `jax.distributed` when the config asks for several
   (`config.distributed`); returns (this process's index, the number of processes).
+
+  Pod mode (`config.distributed.mode="pod"`): this process joins for the whole run, so the
+  mesh spans every process's devices (`parallel.mesh_from_config`) and every process runs the
+  same program over all subjects; a process that dies stops the others.
 
   The membership is held by a small companion process (CPU only, gloo collectives): it joins
   with these settings (or JAX's auto-detection: TPU, SLURM, Open MPI), reports the index and
@@ -250,6 +291,7 @@ def init_distributed(config) -> tuple[int, int]:
 
   global _MEMBER
   d = config.distributed
+  mode = distributed_mode(config)
   if not d.auto and int(d.num_processes) <= 1:
     return 0, 1
   if not d.auto and not d.coordinator_address:
@@ -258,6 +300,8 @@ def init_distributed(config) -> tuple[int, int]:
   settings = {"auto": bool(d.auto), "coordinator_address": str(d.coordinator_address),
               "num_processes": int(d.num_processes), "process_id": int(d.process_id),
               "timeout_s": int(d.timeout_s)}
+  if mode == "pod":
+    return _join_pod(settings)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"  # the companion must not claim this process's accelerators
   _MEMBER = subprocess.Popen([sys.executable, "-c", _MEMBER_CODE, json.dumps(settings)],
@@ -281,6 +325,54 @@ def _member_reply(member) -> dict:
   return {}
 
 
+def work_of_process(config, subject_ids, process: int, processes: int
+                    ) -> tuple[list[str], str, bool]:
+  """(the subjects this process runs, the records file it reads as its own, whether it writes).
+
+  Independent mode: every `processes`-th subject, its own shard, written by itself. Pod mode:
+  every subject (one program over every process's devices), `records.jsonl`, written by
+  process 0 alone.
+  """
+  from palign_jax import parallel, store
+
+  if processes > 1 and distributed_mode(config) == "pod":
+    return list(subject_ids), store.RECORDS_FILE, process == 0
+  return (parallel.subjects_of_process(subject_ids, process, processes),
+          store.shard_file(process, processes), True)
+
+
+def refuse_in_pod(config, processes: int, what: str) -> None:
+  """DPO trains per-row adapters with host-side batching not yet written for global arrays."""
+  from palign_jax.errors import UserInputError
+
+  if processes > 1 and distributed_mode(config) == "pod":
+    raise UserInputError(f"{what} does not run in pod mode yet; use "
+                         "--config.distributed.mode=independent (each process trains its own "
+                         "subjects' adapters)")
+
+
+def sync_processes(config, processes: int, name: str) -> None:
+  """Pod mode: waits until every process gets here (e.g. every store opened before process 0
+  appends to it, so all see the same work to do). Nothing otherwise."""
+  if processes > 1 and distributed_mode(config) == "pod":
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _pod_processes_that_differ(identity: dict) -> list[int]:
+  import hashlib
+  import json
+
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  line = json.dumps(identity, sort_keys=True)
+  mine = np.frombuffer(hashlib.sha256(line.encode()).digest()[:8], np.int32)
+  everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+  return [i for i in range(len(everyone)) if (everyone[i] != everyone[0]).any()]
+
+
 def check_same_run(identity: dict, process: int, processes: int) -> None:
   """Refuses to start when the processes disagree on what they run (config, model, prompts,
   seed): their results could not be merged. Waits for every process to get here."""
@@ -289,7 +381,15 @@ def check_same_run(identity: dict, process: int, processes: int) -> None:
   from palign_jax.errors import UserInputError
 
   global _MEMBER
-  if processes == 1 or _MEMBER is None:
+  if processes == 1:
+    return
+  if _MEMBER is None:  # pod mode: this process is in jax.distributed itself
+    differ = _pod_processes_that_differ(identity)
+    if differ:
+      raise UserInputError(f"process {process}: processes {differ} run another "
+                           "configuration or model than process 0 (config, model fingerprint, "
+                           "prompts or seed differ); start every process with the same "
+                           "--config and --model")
     return
   member, _MEMBER = _MEMBER, None
   member.stdin.write(json.dumps(identity, sort_keys=True) + "\n")

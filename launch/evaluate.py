@@ -21,7 +21,7 @@ import time
 
 from tqdm import tqdm
 
-from palign_jax import data, parallel, prompts, scoring, store
+from palign_jax import data, prompts, scoring, store
 from palign_jax.errors import UserInputError
 from palign_jax.evaluation import methods as methods_lib
 from palign_jax.evaluation import metrics, plots, report
@@ -71,6 +71,8 @@ def run(config, output_dir: str) -> dict:
   """
   process, processes = common.init_distributed(config)
   methods = _parse_methods(config.methods)
+  if "dpo" in methods:
+    common.refuse_in_pod(config, processes, "--methods=dpo")
   subjects = data.parse_subject_spec(str(config.subjects), data.load_papi_subjects())
   llm_methods = [m for m in methods if m in methods_lib.MODEL_METHODS]
   if "pas_oracle_test" in llm_methods:
@@ -93,9 +95,12 @@ def run(config, output_dir: str) -> dict:
     dpo_settings = methods_lib.dpo_settings_for(config, llm_methods)
   identity = identity_of(config, engine)
   common.check_same_run(identity, process, processes)
-  results_store = store.ResultStore(output_dir, identity, store.shard_file(process, processes))
+  share_ids, records_file, writes = common.work_of_process(config, subjects.ids, process,
+                                                           processes)
+  results_store = store.ResultStore(output_dir, identity, records_file, writes=writes)
+  common.sync_processes(config, processes, "records opened")
   timing_start = time.perf_counter()
-  share = subjects.select(parallel.subjects_of_process(subjects.ids, process, processes))
+  share = subjects.select(share_ids)
 
   baseline_methods = [m for m in methods if m not in methods_lib.MODEL_METHODS]
   todo = [m for m in baseline_methods if not all(results_store.has(s, m) for s in share.ids)]
@@ -126,11 +131,14 @@ def run(config, output_dir: str) -> dict:
       bar.update(len(chunk))
     bar.close()
   results_store.refresh()  # the other processes' finished records
-  run_info = {"wall_time_s": time.perf_counter() - timing_start, "processes": processes}
+  run_info = {"wall_time_s": time.perf_counter() - timing_start, "processes": processes,
+              "mode": common.distributed_mode(config) if processes > 1 else "one process"}
   if engine is not None:
     run_info.update(activations=engine.activation_stats,
                     compiled_programs=scoring.compiled_programs(),
                     alphas=list(settings.alphas), alpha_range=settings.alpha_range)
+  if not writes:  # pod mode: process 0 writes the records and the report
+    return {}
   return write_reports(results_store, methods, subjects, config, output_dir, run_info)
 
 
@@ -245,6 +253,9 @@ def main(argv: list[str]) -> None:
   output_dir = common.output_dir("evaluate")
   results = run(config, output_dir)
   out = pathlib.Path(output_dir)
+  if not results:
+    print(f"Pod mode: process 0 wrote the records and the report in {out}")
+    return
   print(summary_text(results, config))
   pictures = ", ".join(str(p) for p in sorted(out.glob("*.png")))
   print(f"Results: {out / 'results.json'}; table: {out / 'results.md'}"

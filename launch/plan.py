@@ -41,7 +41,10 @@ _DEVICE = flags.DEFINE_string(
 _DEVICES = flags.DEFINE_integer(
     "devices", None, "Devices per process (default: this machine's count, or the mesh's size "
     "with --device).")
-_PROCESSES = flags.DEFINE_integer("processes", 1, "Processes (hosts) sharing the subjects.")
+_PROCESSES = flags.DEFINE_integer(
+    "processes", 1, "Processes (hosts). Independent mode (default): they share the subjects, "
+    "each over --devices of its own. Pod mode (--config.distributed.mode=pod): one mesh over "
+    "all their devices (--devices is then the total), every subject on it.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s per device in the run's "
                            "dtype (overrides the device table or the measured CPU peak).")
 _MEMORY = flags.DEFINE_float("memory_gb", None, "Memory per device in GiB (overrides the table).")
@@ -190,7 +193,9 @@ def main(argv: list[str]) -> None:
   question_batch = int(config.scoring.question_batch)
   context = scoring.bucket_length(int(lengths.few_shot.max()))
   question = scoring.bucket_length(int(lengths.heldout.max()))
-  per_process = -(-_SUBJECTS.value // _PROCESSES.value)
+  pod = _PROCESSES.value > 1 and common.distributed_mode(config) == "pod"
+  # Pod mode: one program over every process's devices, all subjects; independent: shares.
+  per_process = _SUBJECTS.value if pod else -(-_SUBJECTS.value // _PROCESSES.value)
   prefix_batch = int(config.scoring.prefix_batch)
   if not prefix_batch:  # as Engine.prefix_batch sizes it on an accelerator (1 on a CPU)
     params = planner.param_bytes_per_device(model, dtype_bytes, data_axis, model_axis,
@@ -254,11 +259,35 @@ def main(argv: list[str]) -> None:
     hints = [f"--config.mesh.model={ways}", "--config.mesh.fsdp=True"]
     if config.dtype == "float32":
       hints.append("--config.dtype=bfloat16")
+    per_host = devices // _PROCESSES.value if pod else devices
+    if planner.needs_pod(model, dtype_bytes, per_host, memory):
+      hints.append("and, as it does not fit one host's devices, pod mode over several hosts: "
+                   "--config.distributed.mode=pod --processes=N --devices=<all hosts' devices>")
     raise UserInputError(
         f"the model does not fit: {gib(mem['total'])} per device > {gib(memory)}; split the "
         f"parameters over more devices ({', '.join(hints)}) or use a smaller "
         "--config.scoring.prefix_batch")
   print("\nfits: yes")
+  print_scale_out(config, model, kind, devices, memory, dtype_bytes, model_axis, pod,
+                  question_batch * question)
+
+
+def print_scale_out(config, model, kind: str, devices: int, memory: float, dtype_bytes: int,
+                    model_axis: int, pod: bool, rows: int) -> None:
+  """How the processes share the run (pod or independent) and what crosses hosts."""
+  processes = _PROCESSES.value
+  per_host = devices // processes if pod else devices
+  traffic = planner.tensor_parallel_traffic(model, model_axis, per_host, rows, dtype_bytes)
+  print(f"\nscale-out: {processes} process(es), mode "
+        f"{common.distributed_mode(config) if processes > 1 else '-'}; per host "
+        f"{per_host} x {kind}, {per_host * memory / 2**30:,.0f} GiB")
+  if traffic["all_reduces"]:
+    where = "across hosts" if traffic["cross_host"] else "within a host"
+    print(f"tensor parallel: {traffic['all_reduces']} all-reduces per layer of "
+          f"{traffic['bytes_each'] / 2**20:,.1f} MiB each (a question batch), {where}")
+  if planner.needs_pod(model, dtype_bytes, per_host, memory):
+    print("this model does not fit one host: run it in pod mode "
+          "(--config.distributed.mode=pod) with the mesh over several hosts")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,14 @@ mesh axes once. A dimension that a mesh axis does not divide is replicated inste
 SmolLM2's 9 heads on 2 model shards); `plan` reports it. On one device every sharding is
 trivial and the calling code is the same.
 
-With several processes (`jax.distributed`, `launch.common.init_distributed`) each process
-builds its mesh from its own devices (`jax.local_devices()`) and aligns its own share of the
-subjects: PAS is independent per subject, so no collective crosses processes in the hot path.
+With several processes (`jax.distributed`, `launch.common.init_distributed`) there are two
+modes (`config.distributed.mode`). "independent": each process builds its mesh from its own
+devices (`jax.local_devices()`) and aligns its own share of the subjects; PAS is independent
+per subject, so no collective crosses processes. "pod": one global mesh over every process's
+devices (`global_devices`: hosts along `data`, each host's devices along `model` first), one
+SPMD program that every process runs over all subjects; host data becomes global arrays
+(`put_batch`, `replicate`: every process holds the same host copy and places its own shards)
+and results come back to every host (`to_host`).
 """
 
 from __future__ import annotations
@@ -84,9 +89,55 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence | None = None) -
   return Mesh(np.array(devices).reshape(data, model), MESH_AXES)
 
 
+def global_devices() -> list:
+  """Every process's devices, host by host (process index, then id), so that a `model` axis
+  no larger than a host's device count stays within one host and `data` crosses hosts."""
+  return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+
+
 def mesh_from_config(config) -> Mesh:
-  """The mesh a run config asks for (`config.mesh.data`, `config.mesh.model`)."""
-  return make_mesh(int(config.mesh.data), int(config.mesh.model))
+  """The mesh a run config asks for (`config.mesh.data`, `config.mesh.model`): over this
+  process's devices, or over every process's in pod mode (`config.distributed.mode`)."""
+  pod = str(config.get("distributed", {}).get("mode", "independent")) == "pod"
+  return make_mesh(int(config.mesh.data), int(config.mesh.model),
+                   global_devices() if pod else None)
+
+
+def spans_processes(mesh: Mesh | None) -> bool:
+  """True when some of the mesh's devices belong to other processes (pod mode)."""
+  return mesh is not None and any(d.process_index != jax.process_index()
+                                  for d in mesh.devices.flat)
+
+
+def pod_agrees(value: bool) -> bool:
+  """Process 0's `value` on every process of a pod run (alone: `value`). For choices that
+  decide which collectives run, such as whether a cache entry is read or rebuilt: processes
+  that chose differently would wait on each other forever."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def writes_host_caches() -> bool:
+  """Whether this process writes the host-side caches (converted models, activations): in a
+  pod run process 0 alone, so that no two processes write one entry."""
+  return jax.process_index() == 0
+
+
+def _global_array(host, sharding: NamedSharding):
+  """A global array from a host array every process holds whole: each places its shards."""
+  host = np.asarray(host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x) -> np.ndarray:
+  """A device array as numpy on this host; an array split across processes is gathered from
+  all of them (every process must call this at the same point, as for any collective)."""
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def _spec(shape: Sequence[int], logical: Sequence[str], mesh: Mesh,
@@ -131,7 +182,16 @@ def replicated_axes(params, mesh: Mesh, fsdp: bool = False) -> list[str]:
 
 def shard_params(params, mesh: Mesh, fsdp: bool = False):
   """Places every parameter on the mesh according to its logical axes."""
-  return jax.device_put(params, param_shardings(params, mesh, fsdp))
+  return place(params, param_shardings(params, mesh, fsdp))
+
+
+def place(tree, shardings):
+  """`jax.device_put(tree, shardings)`, also for shardings that span processes (pod mode),
+  where each process places its own shards from its host copy."""
+  leaves = jax.tree.leaves(shardings)
+  if leaves and any(spans_processes(s.mesh) for s in leaves if isinstance(s, NamedSharding)):
+    return jax.tree.map(_global_array, tree, shardings)
+  return jax.device_put(tree, shardings)
 
 
 def batch_sharding(mesh: Mesh, rows: int, ndim: int) -> NamedSharding:
@@ -162,14 +222,20 @@ def put_batch(mesh: Mesh | None, array):
   """`array` on the mesh, rows split over `data` (unchanged without a mesh)."""
   if mesh is None:
     return array
-  return jax.device_put(array, batch_sharding(mesh, np.shape(array)[0], np.ndim(array)))
+  sharding = batch_sharding(mesh, np.shape(array)[0], np.ndim(array))
+  if spans_processes(mesh) and not isinstance(array, jax.Array):
+    return _global_array(array, sharding)
+  return jax.device_put(array, sharding)
 
 
 def replicate(mesh: Mesh | None, array):
   """`array` on every device of the mesh (unchanged without a mesh)."""
   if mesh is None:
     return array
-  return jax.device_put(array, NamedSharding(mesh, PartitionSpec()))
+  sharding = NamedSharding(mesh, PartitionSpec())
+  if spans_processes(mesh) and not isinstance(array, jax.Array):
+    return _global_array(array, sharding)
+  return jax.device_put(array, sharding)
 
 
 def subjects_of_process(subject_ids: Sequence[str], process: int, processes: int) -> list[str]:

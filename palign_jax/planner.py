@@ -427,3 +427,24 @@ def estimate(config: ModelConfig, calls, *, activation_lengths: Sequence[int],
   return Plan(flops=flops, useful_flops=useful, tokens=tokens, programs=len(shapes),
               devices=devices, compute_seconds=compute, compile_seconds=compile_seconds,
               seconds=compute + compile_seconds, throughput=throughput, memory={})
+
+
+def tensor_parallel_traffic(config: ModelConfig, model: int, devices_per_host: int,
+                            rows: int, dtype_bytes: int) -> dict:
+  """The collectives of one decoder layer under tensor parallelism over `model` devices:
+  two all-reduces of the `[rows, hidden]` activations (after `o_proj` and after `down_proj`;
+  counted in the compiled HLO by tests/test_sharding.py), and whether they cross hosts (a
+  `model` axis larger than a host's devices, possible in pod mode only)."""
+  if model == 1:
+    return {"all_reduces": 0, "bytes_each": 0, "cross_host": False}
+  return {"all_reduces": 2, "bytes_each": rows * config.hidden_size * dtype_bytes,
+          "cross_host": model > devices_per_host}
+
+
+def needs_pod(config: ModelConfig, dtype_bytes: int, devices_per_host: int,
+              device_memory: float) -> bool:
+  """Whether the parameters alone exceed 80% of one host's devices, split over all of them
+  (tensor parallel and FSDP): then no single process can hold the model, and only pod mode
+  (one mesh over several hosts) can run it."""
+  total = sum(float(np.prod(shape)) for shape in params_lib.param_shapes(config).values())
+  return total * dtype_bytes > 0.8 * devices_per_host * device_memory

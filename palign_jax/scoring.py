@@ -372,7 +372,7 @@ def score_contexts(params: Params, config: ModelConfig, contexts: Sequence,
     scores.append((chosen, jnp.concatenate(batches, axis=1)))
   out = np.empty((len(pairs), len(questions.order), len(option_ids)), np.float32)
   for chosen, batch_scores in scores:  # one transfer per batch, after everything is queued
-    batch_scores = np.asarray(batch_scores)[:len(chosen)]
+    batch_scores = parallel.to_host(batch_scores)[:len(chosen)]
     out[chosen[:, None], questions.order[None, :]] = batch_scores[:, :len(questions.order)]
   return out
 
@@ -446,7 +446,7 @@ def capture_head_outputs(params: Params, config: ModelConfig, sequences: Sequenc
     tokens, lengths = _pad(batch, bucket_length(max(map(len, batch))), batch_size)
     outputs.append(capture_last_token(params, config, parallel.put_batch(mesh, tokens),
                                       parallel.put_batch(mesh, lengths), steering, mesh=mesh))
-  captured = np.asarray(jnp.concatenate(outputs))[:len(order)]
+  captured = np.concatenate([parallel.to_host(x) for x in outputs])[:len(order)]
   result = np.empty_like(captured)
   result[order] = captured
   return result

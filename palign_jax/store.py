@@ -45,7 +45,7 @@ class ResultStore:
   """Per-(subject, method) records of one evaluation run in `directory`."""
 
   def __init__(self, directory: str | os.PathLike, identity: dict[str, Any],
-               records_file: str = RECORDS_FILE):
+               records_file: str = RECORDS_FILE, writes: bool = True):
     """Opens or creates the store; refuses a directory made with another `identity`.
 
     Args:
@@ -54,7 +54,10 @@ class ResultStore:
         comparable when it is equal.
       records_file: the file this store appends to (`shard_file` for a process of a
         multi-process run); the other `records*.jsonl` files are read, never written.
+      writes: False for the processes of a pod run other than process 0: they compute the same
+        records together, and one process writes them (`append` only remembers them).
     """
+    self.writes = writes
     self.directory = pathlib.Path(directory)
     self.identity = json.loads(json.dumps(identity))
     self.directory.mkdir(parents=True, exist_ok=True)
@@ -70,7 +73,7 @@ class ResultStore:
             f"{self.directory}: holds results of another model or configuration "
             f"({_describe_difference(existing, self.identity)}). Results are never mixed or "
             "overwritten: choose a new --output_dir, or delete this one to start fresh.")
-    else:
+    elif writes:
       _atomic_write(run_path, json.dumps(self.identity, indent=2, sort_keys=True) + "\n")
     self.records_path = self.directory / records_file
     self._records = self._load()
@@ -78,7 +81,7 @@ class ResultStore:
   def _load(self) -> dict[tuple[str, str], dict]:
     """Every shard's finished records (this store's own file first truncated to whole lines)."""
     records: dict[tuple[str, str], dict] = {}
-    if self.records_path.exists():
+    if self.writes and self.records_path.exists():
       raw = self.records_path.read_bytes()
       complete_end = raw.rfind(b"\n") + 1
       if complete_end < len(raw):  # an unfinished last line from an interrupted write
@@ -123,6 +126,9 @@ class ResultStore:
   def append(self, record: dict) -> None:
     """Durably appends one finished record (must have 'subject' and 'method')."""
     key = (str(record["subject"]), str(record["method"]))
+    if not self.writes:
+      self._records[key] = record
+      return
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     fd = os.open(self.records_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from palign_jax import planner, scoring
+from palign_jax.models import params as params_lib
 from palign_jax.models.config import ModelConfig
 from palign_jax.models.llama import Llama
 
@@ -223,3 +224,16 @@ def test_plan_cli_uses_a_device_checks_measurement_for_its_kind_only(tmp_path):
   assert "| compile per program | 5.0 s (measured) |" in measured.stdout
   other_kind = _plan("--device=A100", *args)
   assert other_kind.returncode == 2 and "measured 'NVIDIA H200'" in other_kind.stderr
+
+
+def test_pod_planning_knows_when_a_model_needs_several_hosts_and_what_crosses_them():
+  llama70 = planner.PRESETS["llama3_70b"]
+  total = sum(np.prod(s) for s in params_lib.param_shapes(llama70).values())
+  assert total == pytest.approx(70.55e9, rel=0.01)  # Meta's published parameter count
+  gib = 2**30
+  assert not planner.needs_pod(llama70, 2, devices_per_host=8, device_memory=80 * gib)
+  assert planner.needs_pod(llama70, 2, devices_per_host=4, device_memory=16 * gib)
+  within = planner.tensor_parallel_traffic(llama70, 8, 8, rows=100, dtype_bytes=2)
+  assert within == {"all_reduces": 2, "bytes_each": 100 * 8192 * 2, "cross_host": False}
+  assert planner.tensor_parallel_traffic(llama70, 16, 8, 100, 2)["cross_host"]
+  assert planner.tensor_parallel_traffic(llama70, 1, 8, 100, 2)["all_reduces"] == 0

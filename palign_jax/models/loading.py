@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import transformers
 
+from palign_jax import parallel
 from palign_jax.errors import UserInputError
 from palign_jax.models import gguf as gguf_loader
 from palign_jax.models import hf_loader
@@ -189,10 +190,24 @@ def _convert(kind: str, path: Path, dtype: str
   return config, params, None
 
 
-def _checkpointer() -> ocp.Checkpointer:
-  # Uncompressed: restoring is ~1.5x faster, and real (not dequantized) weights barely
-  # compress. Params are numpy arrays, so they are restored as numpy arrays.
-  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, use_zarr3=True))
+def process_local_options() -> ocp.options.MultiprocessingOptions:
+  """Orbax options for a save or restore this process does alone (a host-side cache), also in a
+  pod run, where orbax would otherwise wait for every process at its barriers."""
+  me = jax.process_index()
+  if jax.process_count() == 1:
+    return ocp.options.MultiprocessingOptions()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                            barrier_sync_key_prefix=f"process-{me}")
+
+
+def _checkpointer(every_process: bool = False) -> ocp.Checkpointer:
+  """Uncompressed: restoring is ~1.5x faster, and real (not dequantized) weights barely
+  compress. Params are numpy arrays, so they are restored as numpy arrays. `every_process`:
+  a restore into arrays that span processes (pod mode), which every process takes part in."""
+  options = ocp.options.MultiprocessingOptions() if every_process else process_local_options()
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False, use_zarr3=True,
+                                                      multiprocessing_options=options),
+                          multiprocessing_options=options)
 
 
 def _save_entry(entry: Path, config: ModelConfig, params: Params, fingerprint: str,
@@ -231,14 +246,19 @@ def _restore_params(entry: Path, shardings: ShardingFn | None) -> Params:
     if shardings is None:
       return checkpointer.restore(entry / "params")
     stored = checkpointer.metadata(entry / "params").item_metadata.tree
-    shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
-    try:
-      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              shapes, shardings(shapes))
+  shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
+  try:
+    placed = shardings(shapes)
+    every_process = any(parallel.spans_processes(getattr(s, "mesh", None))
+                        for s in jax.tree.leaves(placed))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            shapes, placed)
+    # Pod mode: every process restores its own shards of the same global arrays.
+    with _checkpointer(every_process) as checkpointer:
       return checkpointer.restore(entry / "params", args=ocp.args.PyTreeRestore(
           item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
-    except Exception as err:
-      raise ShardedRestoreError(f"{type(err).__name__}: {err}") from err
+  except Exception as err:
+    raise ShardedRestoreError(f"{type(err).__name__}: {err}") from err
 
 
 def _read_entry(entry: Path, shardings: ShardingFn | None = None
@@ -296,7 +316,9 @@ def load_model(spec: str | os.PathLike | None = None, dtype: Any = "float32",
       [CACHE_FORMAT, kind, sorted(digests.values())]).encode()).hexdigest()[:16]
   entry = cache_dir / "models" / f"{key}-{dtype}"
 
-  cached = _read_entry(entry, shardings) if use_cache else None
+  # In a pod run every process restores (its shards), or every process converts.
+  cached = _read_entry(entry, shardings) if parallel.pod_agrees(
+      use_cache and (entry / "meta.json").is_file()) else None
   if cached is not None:
     config, params, fingerprint, tokenizer = cached
     if tokenizer is not None:
@@ -304,7 +326,7 @@ def load_model(spec: str | os.PathLike | None = None, dtype: Any = "float32",
   else:
     config, params, tokenizer = _convert(kind, path, dtype)
     fingerprint = model_fingerprint(config, weight_digests)
-    if use_cache:
+    if use_cache and parallel.writes_host_caches():
       try:
         _save_entry(entry, config, params, fingerprint, tokenizer, path)
       except OSError as err:
@@ -319,6 +341,6 @@ def load_model(spec: str | os.PathLike | None = None, dtype: Any = "float32",
     target = jnp.dtype(dtype)
     params = jax.tree.map(lambda x: x if x.dtype == target else x.astype(target), params)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    params = jax.device_put(params, shardings(shapes))
+    params = parallel.place(params, shardings(shapes))
   return LoadedModel(config=config, params=params, tokenizer=tokenizer,
                      fingerprint=fingerprint, source=str(path), from_cache=cached is not None)

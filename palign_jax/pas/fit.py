@@ -154,7 +154,7 @@ def fit_pas(activations: jax.Array, known_answers, settings: FitSettings, *, key
   """
   labels_lib.check_activations(activations)
   num_items, _, num_layers, num_heads, _ = activations.shape
-  answers = labels_lib.check_known_answers(known_answers, num_items=num_items)
+  answers = labels_lib.check_known_answers(parallel.to_host(known_answers), num_items=num_items)
   k = heads_lib.resolve_top_k(settings.top_k, None, num_layers * num_heads)
   if not 0.0 < settings.val_fraction < 1.0:
     raise input_error("probe.val_fraction", "value",

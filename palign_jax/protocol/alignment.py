@@ -276,7 +276,8 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
       fold_fit = stages.run("fold_probes", f"fold {f + 1}/{settings.folds}: PAS fit", fit,
                             visible, f + 1)
       fold_fits.append(fold_fit)
-      probe_known[:, in_fold] = np.asarray(pas_fit.item_scores(fold_fit, activations[in_fold]))
+      probe_known[:, in_fold] = parallel.to_host(pas_fit.item_scores(fold_fit,
+                                                                     activations[in_fold]))
       if not kfold:
         continue
       log_probs, prior = stages.run(
@@ -328,7 +329,8 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
       engine, stages, known, heldout, fold_fits, choice.get("pas"), alphas, zero,
       test_log_probs, test_prior) if kfold and score_test else (
           [{} for _ in known], [{} for _ in known])
-  fold_steering = (np.stack([np.asarray(pas_fit.steering_for_alpha(f, 1.0)) for f in fold_fits],
+  fold_steering = (np.stack([parallel.to_host(pas_fit.steering_for_alpha(f, 1.0))
+                             for f in fold_fits],
                             axis=1) if kfold else None)
 
   def matched_on(s, alpha_value):
@@ -374,9 +376,10 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
   if heldout_activations is not None:
     probe_test = stages.run("probe_readout", "pas_probes: the probes on the test items",
                             pas_fit.item_scores, full_fit, heldout_activations)
+    probe_test = parallel.to_host(probe_test)
     for s in range(len(known)):
       probe_predictions[s], probe_notes[s] = probe_readout(
-          probe_known[s], known[s], np.asarray(probe_test[s]))
+          probe_known[s], known[s], probe_test[s])
 
   work = {"content_free_questions": len(readout.CONTENT_FREE_STATEMENTS),
           "subjects_in_batch": len(known), "stage_seconds": dict(stages.seconds),
@@ -387,6 +390,7 @@ def align_subjects(engine, activations: np.ndarray, subjects: data.Subjects,
     work["alpha_range"] = settings.alpha_range
   results = []
   labels = [float(a) for a in alphas]
+  full_fit = jax.tree.map(parallel.to_host, full_fit)  # from every process, in a pod run
   for s, sid in enumerate(subjects.ids):
     results.append(SubjectAlignment(
         subject_id=sid, alphas=alphas, valid=bool(full_fit.valid[s]),
