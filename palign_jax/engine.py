@@ -246,17 +246,6 @@ class Engine:
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
-def _activations_checkpointer() -> ocp.Checkpointer:
-  """This process's own reads and writes of the (host) activation cache, also in a pod run."""
-  options = loading.process_local_options()
-  return ocp.Checkpointer(
-      ocp.CompositeCheckpointHandler(
-          arrays=ocp.StandardCheckpointHandler(multiprocessing_options=options),
-          meta=ocp.JsonCheckpointHandler(multiprocessing_options=options),
-          composite_options=ocp.CompositeOptions(multiprocessing_options=options)),
-      multiprocessing_options=options)
-
-
 def save_activations(path: pathlib.Path, activations: np.ndarray, fingerprint: str) -> None:
   """Writes the shared activations and what made them (orbax), through a private folder
   renamed into place: processes sharing a cache may race to write the same entry, and the
@@ -265,7 +254,7 @@ def save_activations(path: pathlib.Path, activations: np.ndarray, fingerprint: s
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
   try:
-    with _activations_checkpointer() as checkpointer:
+    with loading.host_checkpointer() as checkpointer:
       checkpointer.save(tmp / "entry", ocp.args.Composite(
           arrays=ocp.args.StandardSave({"activations": activations}),
           meta=ocp.args.JsonSave({"fingerprint": fingerprint,
@@ -282,7 +271,7 @@ def save_activations(path: pathlib.Path, activations: np.ndarray, fingerprint: s
 
 def load_activations(path: pathlib.Path, fingerprint: str) -> np.ndarray:
   """Reads cached activations; refuses a cache made by another model or prompt version."""
-  with _activations_checkpointer() as checkpointer:
+  with loading.host_checkpointer() as checkpointer:
     restored = checkpointer.restore(path.absolute(), ocp.args.Composite(
         arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   meta = restored["meta"]

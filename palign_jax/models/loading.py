@@ -200,6 +200,18 @@ def process_local_options() -> ocp.options.MultiprocessingOptions:
                                             barrier_sync_key_prefix=f"process-{me}")
 
 
+def host_checkpointer() -> ocp.Checkpointer:
+  """A composite (arrays + JSON) checkpointer for files this process reads or writes alone
+  (activation caches, profiles), also in a pod run: no barrier waits for other processes."""
+  options = process_local_options()
+  return ocp.Checkpointer(
+      ocp.CompositeCheckpointHandler(
+          arrays=ocp.StandardCheckpointHandler(multiprocessing_options=options),
+          meta=ocp.JsonCheckpointHandler(multiprocessing_options=options),
+          composite_options=ocp.CompositeOptions(multiprocessing_options=options)),
+      multiprocessing_options=options)
+
+
 def _checkpointer(every_process: bool = False) -> ocp.Checkpointer:
   """Uncompressed: restoring is ~1.5x faster, and real (not dequantized) weights barely
   compress. Params are numpy arrays, so they are restored as numpy arrays. `every_process`:

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from palign_jax import prompts
 from palign_jax.errors import UserInputError
+from palign_jax.models import loading
 
 FORMAT_VERSION = 2  # 2: adapters and `method`; version 1 files (PAS only) still load
 READABLE_VERSIONS = (1, 2)
@@ -132,7 +133,7 @@ def save_profile(path: str | pathlib.Path, profile: AlignmentProfile) -> pathlib
   meta = {f.name: getattr(profile, f.name) for f in dataclasses.fields(profile)
           if f.name not in ("known_answers", "adapters", *_STEERING_FIELDS)}
   meta["format_version"] = FORMAT_VERSION
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+  with loading.host_checkpointer() as checkpointer:
     checkpointer.save(path, ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
                                                meta=ocp.args.JsonSave(meta)), force=True)
   return path
@@ -145,7 +146,7 @@ def load_profile(path: str | pathlib.Path, *, model_fingerprint: str | None = No
   if not (path / "meta").exists():
     raise UserInputError(f"{path}: not an alignment profile (no 'meta' inside); profiles are "
                          "written by `python -m launch.align`")
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+  with loading.host_checkpointer() as checkpointer:
     restored = checkpointer.restore(path, ocp.args.Composite(
         arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   meta, arrays = dict(restored["meta"]), restored["arrays"]
