@@ -215,4 +215,8 @@ def test_verdict_rows_and_headline():
 
 
 def test_dpo_candidates_order_fewest_steps_first():
-  assert dpo._candidates(2, 3) == [(0, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+  # Step 0 (the base model) once; then fewer steps first and, at equal steps, the smaller
+  # learning rate first (least change), whatever the config's order of the rates.
+  assert dpo._candidates([1e-4, 1e-3], 3) == [(0, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+  assert dpo._candidates([1e-3, 1e-4], 3) == [(0, 0), (1, 1), (0, 1), (1, 2), (0, 2)]
+  assert dpo._candidates([1e-3, 1e-3], 2) == [(0, 0), (0, 1), (1, 1)]  # equal: config order
