@@ -72,6 +72,59 @@ def test_hf_folder_loads_and_matches_transformers(gemma_folder, tmp_path):
   assert again.config == loaded.config
 
 
+@pytest.mark.parametrize("prefix", ["language_model.model.", "model.language_model."])
+def test_image_text_folder_loads_its_text_decoder(tmp_path, tiny_model_dir, prefix):
+  """Gemma 3 4B-27B ship as `Gemma3ForConditionalGeneration`: a sparse `text_config` and the
+  decoder under a prefix (the older one, which save_pretrained writes, or the in-memory one).
+  Ours reads the decoder alone and matches transformers' image-text model on text."""
+  from safetensors.numpy import load_file, save_file
+  text = {k: v for k, v in build("gqa")[0].config.to_dict().items()
+          if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads", "head_dim",
+                   "query_pre_attn_scalar", "sliding_window", "layer_types",
+                   "rope_parameters")}
+  vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, image_size=28, patch_size=14)
+  hf = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+  torch.manual_seed(5)
+  model = transformers.Gemma3ForConditionalGeneration._from_config(hf, attn_implementation="eager")
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "language_model" in name and name.endswith("norm.weight"):
+        p.copy_(0.1 * torch.randn_like(p))
+  model.eval()
+  folder = tmp_path / "image_text"
+  model.save_pretrained(folder, safe_serialization=True)
+  stored = load_file(folder / "model.safetensors")
+  assert any(name.startswith("language_model.model.") for name in stored)
+  save_file({prefix + name.removeprefix("language_model.model."): value
+             for name, value in stored.items()}, folder / "model.safetensors")
+  (folder / "tokenizer.json").write_bytes((tiny_model_dir / "tokenizer.json").read_bytes())
+  loaded = loading.load_model(folder, cache_dir=tmp_path / "cache")
+  assert loaded.config.architecture == "gemma3" and loaded.config.num_layers == 4
+  assert loaded.config.sliding_window_pattern == 3 and loaded.config.head_dim == 16
+  tokens = random_tokens(loaded.config, (2, 20), seed=13)
+  with torch.no_grad():
+    expected = model(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  assert_close(forward(loaded.params, loaded.config, jnp.asarray(tokens)).logits, expected)
+
+
+def test_image_text_config_fills_in_transformers_defaults():
+  """The 4B model's text_config names only what differs from transformers' defaults."""
+  from palign_jax.models.config import GEMMA3_TEXT_DEFAULTS, from_hf_config
+  defaults = transformers.Gemma3TextConfig()
+  assert {k: getattr(defaults, k) for k in GEMMA3_TEXT_DEFAULTS} == GEMMA3_TEXT_DEFAULTS
+  four_b = {"architectures": ["Gemma3ForConditionalGeneration"], "text_config": {
+      "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+      "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+      "sliding_window": 1024}}
+  c = from_hf_config(four_b)
+  assert (c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) == (8, 4, 256, 262_208)
+  assert (c.rope_linear_factor, c.sliding_window, c.sliding_window_pattern) == (8.0, 1024, 6)
+  with pytest.raises(UserInputError, match="text_config"):
+    from_hf_config({"architectures": ["Gemma3ForConditionalGeneration"]}, source="x.json")
+
+
 @pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16])
 def test_gguf_round_trip(tmp_path, qtype):
   model, config, params = build("mqa_softcap")

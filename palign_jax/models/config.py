@@ -21,6 +21,14 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",  # 4B-27B: the text decoder alone is read
+}
+# transformers' Gemma3TextConfig defaults for the fields an image-text checkpoint's sparse
+# `text_config` leaves out (the 4B one gives only sizes, layer count, window and RoPE scaling).
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+    "head_dim": 256,
 }
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # SwiGLU (Llama family), GeGLU (Gemma)
 
@@ -115,6 +123,9 @@ def from_hf_config(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
   missing fields.
   """
   architectures = hf.get("architectures") or []
+  if "Gemma3ForConditionalGeneration" in architectures:
+    hf = gemma3_text_config(hf, source)
+    architectures = hf["architectures"]
   arch = next((SUPPORTED_ARCHITECTURES[a] for a in architectures
                if a in SUPPORTED_ARCHITECTURES), None)
   if arch is None:
@@ -162,6 +173,19 @@ def from_hf_config(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
       max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
       architecture=arch,
   ).validate(source)
+
+
+def gemma3_text_config(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+  """The text decoder's config of a `Gemma3ForConditionalGeneration` (image-text) config.json:
+  its `text_config` over transformers' defaults, as a `Gemma3ForCausalLM` config."""
+  text = hf.get("text_config")
+  if not isinstance(text, Mapping):
+    raise UserInputError(f"{source}: a Gemma3ForConditionalGeneration config needs an object "
+                         f"'text_config', got {text!r}")
+  merged = {**GEMMA3_TEXT_DEFAULTS, **text, "architectures": ["Gemma3ForCausalLM"]}
+  if "tie_word_embeddings" not in text and "tie_word_embeddings" in hf:
+    merged["tie_word_embeddings"] = hf["tie_word_embeddings"]
+  return merged
 
 
 def _layer_pattern(layer_types: list[str], source: str) -> int:

@@ -1,8 +1,11 @@
 """Local Hugging Face checkpoint folders: `config.json` + `*.safetensors` -> config and tensors.
 
-Reads Llama, Mistral and Qwen2 folders as written by `save_pretrained(safe_serialization=True)`,
+Reads Llama, Mistral, Qwen2 and Gemma 3 folders as written by
+`save_pretrained(safe_serialization=True)`,
 single-file (`model.safetensors`) or sharded (`model.safetensors.index.json` + shards), with
 the `safetensors` numpy API: no torch at run time, bfloat16 arrives as `ml_dtypes.bfloat16`.
+Gemma 3 4B-27B are image-text models (`Gemma3ForConditionalGeneration`): their text decoder is
+read under its causal-LM names and the vision tower is never loaded.
 Never downloads; a hub name is not a folder.
 """
 
@@ -22,6 +25,17 @@ from palign_jax.models.config import ModelConfig, from_hf_config
 from palign_jax.models.params import Params, expected_hf_shapes, params_from_hf_tensors
 
 INDEX_FILE = "model.safetensors.index.json"
+# Where an image-text Gemma 3 checkpoint keeps its text decoder: transformers < 4.52 (and
+# save_pretrained since, which converts back) wrote the first, the in-memory model the second.
+TEXT_DECODER_PREFIXES = ("language_model.model.", "model.language_model.")
+
+
+def text_decoder_name(name: str) -> str:
+  """A checkpoint tensor's name as the causal LM calls it (`model.layers.0...`)."""
+  for prefix in TEXT_DECODER_PREFIXES:
+    if name.startswith(prefix):
+      return "model." + name[len(prefix):]
+  return "lm_head.weight" if name == "language_model.lm_head.weight" else name
 
 
 def read_config(folder: str | os.PathLike) -> ModelConfig:
@@ -80,17 +94,19 @@ def safetensors_files(folder: str | os.PathLike) -> list[Path]:
 
 def read_safetensors(files: list[Path], wanted: set[str] | None = None
                      ) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
-  """`({name: array}, {name: file})` for the tensors in `files` (only `wanted` if given)."""
+  """`({name: array}, {name: file})` for the tensors in `files` (only `wanted` if given),
+  named as the causal LM names them (`text_decoder_name`)."""
   tensors, origin = {}, {}
   for file in files:
     try:
       with safe_open(file, framework="numpy") as f:
-        for name in f.keys():
+        for stored in f.keys():
+          name = text_decoder_name(stored)
           if wanted is not None and name not in wanted:
             continue
           if name in tensors:
-            raise UserInputError(f"{file}: tensor '{name}' is also in {origin[name]}")
-          tensors[name] = f.get_tensor(name)
+            raise UserInputError(f"{file}: tensor '{stored}' is also in {origin[name]}")
+          tensors[name] = f.get_tensor(stored)
           origin[name] = file
     except (SafetensorError, OSError, ValueError) as err:
       raise UserInputError(f"{file}: not a readable safetensors file: {err}") from None
