@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_pas_on_gemma3_270m_two_subjects():
-  config = tiny_run_config("gemma3-270m", **{"pas.top_k": 12, "pas.alphas": (0.0, 4.0),
+  # Alpha 2 is the top of the grid measured for this model (letter mass 0.90 of the
+  # reference subjects' items there, 0.65 at 4: `launch.evaluate`'s alpha-range record).
+  config = tiny_run_config("gemma3-270m", **{"pas.top_k": 12, "pas.alphas": (0.0, 2.0),
                                              "scoring.question_batch": 20,
                                              "scoring.prefix_batch": 0})
   gemma = engine.Engine.from_config(config)
@@ -36,10 +38,10 @@ def test_pas_on_gemma3_270m_two_subjects():
   for result, answers in zip(results, subjects.answers, strict=True):
     assert result.valid and result.head_mask.sum() == 12
     assert all(np.isfinite(lp).all() for lp in result.test_log_probs.values())
-    # Steering at alpha 4 moves the real model's letter distribution.
-    assert np.abs(result.test_log_probs[4.0] - result.test_log_probs[0.0]).max() > 1e-3
+    # Steering at alpha 2 moves the real model's letter distribution.
+    assert np.abs(result.test_log_probs[2.0] - result.test_log_probs[0.0]).max() > 1e-3
     # The honest selection chose among the fixed alphas without the test items.
-    assert result.chosen_alpha["kfold_known"][result.chosen_decoding["pas"]] in (0.0, 4.0)
+    assert result.chosen_alpha["kfold_known"][result.chosen_decoding["pas"]] in (0.0, 2.0)
     for record in records.pas_records(result, answers, records.SWEEP_METHODS):
       for entry in record["decodings"].values():
         assert entry["sum"] is not None and entry["n_unparsable"] == 0
