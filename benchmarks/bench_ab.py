@@ -30,16 +30,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def child(batches: int) -> dict:
-  """Runs inside one tree (the working directory): times encode and score there."""
+def sweep_programs() -> dict[str, tuple]:
+  """`{"encode": (fn, args), "score": (fn, args)}`: the sweep's two jitted programs on the real
+  SmolLM2, built from the tree in the working directory (its `palign_jax`, not this file's):
+  one 1,408-token few-shot context of the fixed subject, and one question batch on its cache."""
   sys.path.insert(0, os.getcwd())
-  import time
-
-  import jax
   import jax.numpy as jnp
 
   from configs import default
-  from palign_jax import data, planner, prompts, scoring
+  from palign_jax import data, prompts, scoring
   from palign_jax import engine as engine_lib
 
   eng = engine_lib.Engine.from_config(default.get_config())
@@ -52,18 +51,35 @@ def child(batches: int) -> dict:
   tokens, lengths = scoring._pad([context], scoring.bucket_length(len(context)))
   tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
   steering = jnp.zeros((1, c.num_layers, c.num_heads, c.head_dim))
-  option_ids = jnp.asarray(eng.option_ids)
+  cache = scoring.encode_prefixes(params, c, tokens, lengths, steering)
+  return {
+      "encode": (scoring.encode_prefixes, (params, c, tokens, lengths, steering)),
+      "score": (scoring.score_on_prefixes, (params, c, cache, lengths, questions.tokens[0],
+                                            questions.lengths[0], jnp.asarray(eng.option_ids),
+                                            steering)),
+      "question_batches": (questions.tokens, questions.lengths)}
+
+
+def child(batches: int) -> dict:
+  """Runs inside one tree (the working directory): times encode and score there."""
+  import time
+
+  import jax
+
+  from palign_jax import planner
+
+  programs = sweep_programs()
+  encode_fn, encode_args = programs["encode"]
+  score_fn, score_args = programs["score"]
+  question_tokens, question_lengths = programs["question_batches"]
 
   def encode():
-    return jax.block_until_ready(scoring.encode_prefixes(params, c, tokens, lengths, steering))
-
-  cache = encode()
+    return jax.block_until_ready(encode_fn(*encode_args))
 
   def score(b):
-    b %= len(questions.tokens)
-    return jax.block_until_ready(scoring.score_on_prefixes(
-        params, c, cache, lengths, questions.tokens[b], questions.lengths[b], option_ids,
-        steering))
+    b %= len(question_tokens)
+    return jax.block_until_ready(score_fn(*score_args[:4], question_tokens[b],
+                                          question_lengths[b], *score_args[6:]))
 
   score(0)
 
@@ -80,7 +96,8 @@ def child(batches: int) -> dict:
   encode_s = seconds(lambda _: encode(), 3)
   peak_after = planner.matmul_peak()
   return {"score_s": score_s, "encode_s": encode_s, "peaks": [peak_before, peak_after],
-          "bucket": int(tokens.shape[1]), "question_shape": list(questions.tokens[0].shape)}
+          "bucket": int(encode_args[2].shape[1]),
+          "question_shape": list(question_tokens[0].shape)}
 
 
 def executed_flops(result: dict) -> tuple[float, float]:

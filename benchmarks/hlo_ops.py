@@ -15,11 +15,8 @@ from __future__ import annotations
 import collections
 import os
 import re
-import sys
 
 import numpy as np
-
-sys.path.insert(0, os.getcwd())
 
 OPS = ("fusion", "dot", "copy", "transpose", "concatenate", "slice", "dynamic-slice",
        "dynamic-update-slice", "custom-call")
@@ -38,28 +35,10 @@ def count_ops(hlo_text: str) -> tuple[collections.Counter, collections.Counter]:
 
 
 def main():
-  import jax.numpy as jnp
+  from bench_ab import sweep_programs  # this file's directory; palign_jax from the working one
 
-  from configs import default
-  from palign_jax import data, prompts, scoring
-  from palign_jax import engine as engine_lib
-
-  eng = engine_lib.Engine.from_config(default.get_config())
-  c = eng.config
-  papi = data.load_papi_subjects()
-  known = data.known_answers(papi.select([papi.ids[0]]))[0]
-  context = eng.context_tokens(prompts.few_shot_system_prompt(known))
-  questions = eng.questions(data.load_split().heldout)
-  params = eng.model.params
-  tokens, lengths = scoring._pad([context], scoring.bucket_length(len(context)))
-  tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
-  steering = jnp.zeros((1, c.num_layers, c.num_heads, c.head_dim))
-  cache = scoring.encode_prefixes(params, c, tokens, lengths, steering)
-  programs = {
-      "encode": (scoring.encode_prefixes, (params, c, tokens, lengths, steering)),
-      "score": (scoring.score_on_prefixes, (params, c, cache, lengths, questions.tokens[0],
-                                            questions.lengths[0], jnp.asarray(eng.option_ids),
-                                            steering))}
+  built = sweep_programs()
+  programs = {name: built[name] for name in ("encode", "score")}
   print(f"# hlo_ops: {os.getcwd()}; instructions (MB written) by opcode")
   print("| program | all | " + " | ".join(OPS) + " |")
   print("|---" * (len(OPS) + 2) + "|")

@@ -1,9 +1,9 @@
 """Local Hugging Face checkpoint folders: `config.json` + `*.safetensors` -> config and tensors.
 
 Reads Llama, Mistral, Qwen2 and Gemma 3 folders as written by
-`save_pretrained(safe_serialization=True)`,
-single-file (`model.safetensors`) or sharded (`model.safetensors.index.json` + shards), with
-the `safetensors` numpy API: no torch at run time, bfloat16 arrives as `ml_dtypes.bfloat16`.
+`save_pretrained(safe_serialization=True)`, single-file (`model.safetensors`) or sharded
+(`model.safetensors.index.json` + shards), with the `safetensors` numpy API: no torch at run
+time, bfloat16 arrives as `ml_dtypes.bfloat16`.
 Gemma 3 4B-27B are image-text models (`Gemma3ForConditionalGeneration`): their text decoder is
 read under its causal-LM names and the vision tower is never loaded.
 Never downloads; a hub name is not a folder.
