@@ -318,3 +318,51 @@ def test_attention_implementation_is_chosen_per_backend_and_validated():
   assert attention_implementation(_with_attention(config, "xla"), jnp.float32) == "xla"
   with pytest.raises(UserInputError, match=r"attention must be one of .* got 'flash'"):
     _with_attention(config, "flash").validate()
+
+
+def _attention_float64(q, k, v, self_mask, cache_k, cache_v, cache_mask):
+  """Softmax over [visible cache slots; visible own tokens] in numpy float64, loop by loop."""
+  B, T, K, G, H = q.shape
+  out = np.zeros(q.shape)
+  for b in range(B):
+    ck, cv = cache_k[b % len(cache_k)], cache_v[b % len(cache_v)]
+    cm = cache_mask[b % len(cache_mask)]
+    for t in range(T):
+      seen = cm[t] if cm.ndim == 2 else cm
+      keys = np.concatenate([ck[seen], k[b][self_mask[b, t]]])  # [S',K,H]
+      values = np.concatenate([cv[seen], v[b][self_mask[b, t]]])
+      for h in range(K):
+        scores = q[b, t, h] @ keys[:, h].T / np.sqrt(H)  # [G,S']
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        out[b, t, h] = (p / p.sum(-1, keepdims=True)) @ values[:, h]
+  return out
+
+
+@pytest.mark.parametrize("queries", [1, 12])  # 1: the masked path (decoding); 12: the counting
+@pytest.mark.parametrize("cache_rows", [1, 3])  # one prefix shared by every row, or one each
+def test_attention_over_a_padded_cache_equals_float64(queries, cache_rows):
+  """Hidden cache slots hold huge keys and values: had one entered a score's maximum, a
+  numerator or a denominator, the result would be off by orders of magnitude. Rows: right
+  padding, left padding, and a cache with no visible slot."""
+  from palign_jax.models.llama import _attention
+  rng = np.random.default_rng(0)
+  B, T, K, G, H, S = 3, queries, 2, 3, 16, 9
+  q, k, v = (rng.normal(size=s) for s in ((B, T, K, G, H), (B, T, K, H), (B, T, K, H)))
+  cache_k, cache_v = (rng.normal(size=(cache_rows, S, K, H)) for _ in range(2))
+  cache_mask = np.array([[True] * 6 + [False] * 3, [False] * 2 + [True] * 7, [False] * S]
+                        )[:cache_rows]
+  cache_k[~cache_mask] *= 1e4
+  cache_v[~cache_mask] = 1e6
+  self_mask = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
+  self_mask[1, :, T // 2 + 1:] = False  # padding tokens in row 1, seen by no query
+  counting = B * T * G > cache_rows * H
+  assert counting == (queries > 1)
+  as32 = lambda *xs: [jnp.asarray(x, jnp.float32) if x.dtype != bool else jnp.asarray(x)
+                      for x in xs]
+  out = _attention(*as32(q, k, v, self_mask), tuple(as32(cache_k, cache_v, cache_mask)))
+  ref = _attention_float64(q, k, v, self_mask, cache_k, cache_v, cache_mask)
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+  # A per-query (sliding-window) mask takes the masked path with the same result.
+  per_query = np.broadcast_to(cache_mask[:, None], (cache_rows, T, S))
+  out = _attention(*as32(q, k, v, self_mask), tuple(as32(cache_k, cache_v, per_query)))
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
