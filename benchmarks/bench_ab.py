@@ -60,13 +60,34 @@ def sweep_programs() -> dict[str, tuple]:
       "question_batches": (questions.tokens, questions.lengths)}
 
 
+def _matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+  """`planner.matmul_peak` for baselines older than the planner (before 2026-11-29 09:00)."""
+  import time
+
+  import jax
+  import jax.numpy as jnp
+
+  a = jnp.ones((n, n), jnp.float32)
+  dot = jax.jit(lambda x: x @ x)
+  dot(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    dot(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
 def child(batches: int) -> dict:
   """Runs inside one tree (the working directory): times encode and score there."""
   import time
 
   import jax
 
-  from palign_jax import planner
+  try:
+    from palign_jax.planner import matmul_peak
+  except ImportError:
+    matmul_peak = _matmul_peak
 
   programs = sweep_programs()
   encode_fn, encode_args = programs["encode"]
@@ -91,10 +112,10 @@ def child(batches: int) -> dict:
       out.append(time.perf_counter() - start)
     return statistics.median(out)
 
-  peak_before = planner.matmul_peak()
+  peak_before = matmul_peak()
   score_s = seconds(score, batches)
   encode_s = seconds(lambda _: encode(), 3)
-  peak_after = planner.matmul_peak()
+  peak_after = matmul_peak()
   return {"score_s": score_s, "encode_s": encode_s, "peaks": [peak_before, peak_after],
           "bucket": int(encode_args[2].shape[1]),
           "question_shape": list(question_tokens[0].shape)}

@@ -148,8 +148,8 @@ def _attention(q, k, v, self_mask, cache=None, scale=None):
   a layer for 10 questions on a 1,408-token prefix). When its mask is per slot and the scores
   outnumber the cache (B*T*G > Bc*H: not in one-token decoding), `_counting_cache` takes the
   mask off them: the max and exp read the dot's output directly, and the denominator comes
-  out of the value matmul, two passes over that tensor fewer (measured 10% faster per question
-  batch on a CPU, `benchmarks/RESULTS_pas.md`), with the same result up to rounding.
+  out of the value matmul, two passes over that tensor fewer (7-10% less time per question
+  batch side by side on a CPU, `benchmarks/RESULTS_pas.md`), the same result up to rounding.
   """
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   f32 = jnp.float32
