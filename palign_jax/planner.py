@@ -89,9 +89,10 @@ class Throughput:
 # Compile seconds are planned cold (an empty compilation cache); a rerun of the same shapes
 # loads its programs from the launchers' persistent cache instead.
 CPU_THROUGHPUT = Throughput(
-    efficiency=0.55, compile_s=2.5, label="measured",
-    source="SmolLM2 float32 on the 2-core dev CPU: the sweeps ran at 55-56% of the 2048^3 "
-    "matmul peak at HEAD on 2026-12-03 (45-74% over a week as this shared box's speed drifted; "
+    efficiency=0.64, compile_s=2.5, label="measured",
+    source="SmolLM2 float32 on the 2-core dev CPU: the sweeps ran at 64-75% of the 2048^3 "
+    "matmul peak at HEAD on a freshly booted box on 2026-12-04 (64% the lower run, both "
+    "protocols; 45-77% over a week as this shared box's speed drifted; "
     "benchmarks/RESULTS_pas.md); 2.5 s per scoring program traced and compiled cold "
     "(benchmarks/RESULTS_compile_cache.md)")
 # No accelerator has run the scoring programs yet (benchmarks/RESULTS_device.md): until a

@@ -111,7 +111,7 @@ def test_alpha_grid_from_letter_masses():
                                       (1.0,))[:2] == (None, (0.0,))
 
 
-def test_model_range_is_measured_once_on_known_items(tiny_engine, monkeypatch):
+def test_model_range_is_measured_once_on_known_items(tiny_engine, monkeypatch, capsys):
   from conftest import tiny_run_config
   config = tiny_run_config("unused", **{"pas.alpha_grid": "model_range",
                                         "pas.range.subjects": "0:2",
@@ -120,8 +120,12 @@ def test_model_range_is_measured_once_on_known_items(tiny_engine, monkeypatch):
   original = tiny_engine.score
   monkeypatch.setattr(tiny_engine, "score", lambda *a, **k: calls.append(a[1]) or original(
       *a, **k))
-  settings = alignment.AlignSettings.for_engine(config, tiny_engine)
+  lines = []
+  settings = alignment.AlignSettings.for_engine(config, tiny_engine, progress=lines.append)
   record = settings.alpha_range
+  assert "measuring the alpha range" in lines[0]
+  bar = capsys.readouterr().err  # a bar over the 2 x 7 (context, alpha) pairs
+  assert "alpha range: 100%" in bar and "14/14" in bar
   items = alpha_range.range_items(1, 0)
   contexts = [tiny_engine.context_tokens(prompts.few_shot_system_prompt(row))
               for row in data.known_answers(data.load_papi_subjects().select(
@@ -136,14 +140,17 @@ def test_model_range_is_measured_once_on_known_items(tiny_engine, monkeypatch):
     assert record["letter_mass_mean"][k] == pytest.approx(np.mean(masses), rel=1e-4)
   assert settings.alphas == tuple(record["alphas"]) and settings.alphas[0] == 0.0
   assert record["probe_alphas"] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
-  assert len(calls) == 1 and set(calls[0]) <= set(data.load_split().known)  # known items only
+  # one call per prefix batch of the 2 x 7 (context, alpha) pairs, known items only
+  measured_calls = len(calls)
+  assert measured_calls == -(-14 // tiny_engine.prefix_batch(max(map(len, contexts))))
+  assert all(set(c) <= set(data.load_split().known) for c in calls)
   # The recorded masses are those of each probe alpha's rows (contexts x alphas, context-major).
   steering_calls = []
   monkeypatch.setattr(tiny_engine, "score", lambda *a, **k: steering_calls.append(
       k["steering"]) or original(*a, **k))
   again = alignment.AlignSettings.for_engine(config, tiny_engine)
   assert not steering_calls
-  assert len(calls) == 1 and again.alpha_range["from_cache"]  # cached per model
+  assert len(calls) == measured_calls and again.alpha_range["from_cache"]  # cached per model
   assert again.alphas == settings.alphas
 
 

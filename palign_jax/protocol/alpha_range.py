@@ -23,10 +23,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from palign_jax import data, prompts
 from palign_jax.errors import UserInputError
@@ -89,8 +91,25 @@ def grid_from_masses(probe_alphas, mass_mean, mass_low, selection: selection_lib
   return alpha_max, grid, {str(probe_alphas[k - 1]): w for k, w in why.items()}
 
 
+def _score_pairs(engine, contexts, items, steering, show_bar: bool) -> np.ndarray:
+  """`engine.score` of every (context, alpha) pair, context-major, one prefix batch per call
+  so that a bar (stderr) can follow the minutes this takes on a CPU."""
+  pairs = np.stack(np.meshgrid(np.arange(len(contexts)), np.arange(steering.shape[1]),
+                               indexing="ij"), -1).reshape(-1, 2)
+  step = engine.prefix_batch(max(map(len, contexts)))
+  out = []
+  with tqdm(total=len(pairs), unit="context", desc="alpha range", file=sys.stderr,
+            disable=not show_bar) as bar:
+    for start in range(0, len(pairs), step):
+      chunk = pairs[start:start + step]
+      out.append(engine.score(contexts, items, steering=steering, pairs=chunk))
+      bar.update(len(chunk))
+  return np.concatenate(out)
+
+
 def measure(engine, settings: RangeSettings, fit_settings: pas_fit.FitSettings,
-            selection: selection_lib.SelectionSettings, seed: int) -> dict:
+            selection: selection_lib.SelectionSettings, seed: int,
+            show_bar: bool = False) -> dict:
   """Measures the model's letter mass under steering (see the module docstring)."""
   start = time.perf_counter()
   reference = data.parse_subject_spec(settings.subjects, data.load_papi_subjects())
@@ -100,7 +119,8 @@ def measure(engine, settings: RangeSettings, fit_settings: pas_fit.FitSettings,
   alphas = np.array((0.0,) + settings.probe_alphas, np.float32)
   items = range_items(settings.items_per_trait, seed)
   contexts = [engine.context_tokens(prompts.few_shot_system_prompt(row)) for row in known]
-  log_probs = engine.score(contexts, items, steering=pas_fit.steering_vectors(fit, alphas))
+  log_probs = _score_pairs(engine, contexts, items, pas_fit.steering_vectors(fit, alphas),
+                           show_bar)
   by_alpha = np.swapaxes(log_probs.reshape(len(known), len(alphas), len(items), 5), 0, 1)
   by_alpha = by_alpha.reshape(len(alphas), -1, 5)  # [A, subjects x items]
   mass_mean, mass_low = selection_lib.mass_stats(by_alpha, selection.mass_quantile)
@@ -135,7 +155,8 @@ def resolve(engine, config, fit_settings: pas_fit.FitSettings,
     if progress:
       progress(f"measuring the alpha range of the model: {len(settings.probe_alphas)} probe "
                f"alphas on the known items of subjects {settings.subjects} (once per model)")
-    record = measure(engine, settings, fit_settings, selection, int(config.seed))
+    record = measure(engine, settings, fit_settings, selection, int(config.seed),
+                     show_bar=progress is not None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{time.time_ns()}")
     tmp.write_text(json.dumps(record, indent=1))
