@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: install the runtime and the test references (torch CPU,
-# scikit-learn, pytest, ruff) and run the fast tests. Extra arguments go to pytest, e.g.
+# scikit-learn, pytest, pytest-xdist, ruff) and run the fast tests. Extra arguments go to pytest, e.g.
 # `bash scripts/test.sh -m slow` for the real-model tests (CI runs both). The tests run on every
 # core (pytest-xdist), a test module per worker so its fixtures are built once; PYTEST_WORKERS
 # overrides the count (e.g. 0: one process, in order).
